@@ -1,0 +1,1 @@
+"""What is learned from finished runs: failures, Grad-CAM, comparisons, plots, report."""

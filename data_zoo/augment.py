@@ -1,0 +1,101 @@
+"""Batched augmentations on the training device, with per-image randomness from a seeded generator.
+
+Ops work on a normalised float batch (N, C, H, W). Random draws come from a CPU ``torch.Generator``
+and are moved to the batch's device, so one seed gives the same augmentation on CPU and GPU.
+Presets are named the way the YAML names them; a list of op names composes ops freely.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+AugmentOp = Callable[..., torch.Tensor]
+_OPS: dict[str, AugmentOp] = {}
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "cropflip": ("crop", "flip"),
+    "cutout": ("crop", "flip", "cutout"),  # DeVries & Taylor apply Cutout on top of crop + flip
+}
+
+
+def register_op(fn: AugmentOp) -> AugmentOp:
+    """Decorator: register a batch op under its function name."""
+    _OPS[fn.__name__] = fn
+    return fn
+
+
+def list_ops() -> list[str]:
+    """Names of the single ops (usable in a list spec)."""
+    return sorted(_OPS)
+
+
+def list_augmentations() -> list[str]:
+    """Names of the presets (usable as a plain string spec)."""
+    return sorted(PRESETS)
+
+
+@register_op
+def crop(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Random HxW crop of each image zero-padded (black) by ``padding`` pixels on every side."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4) + F.pad(torch.zeros_like(x[:1]), (padding,) * 4, value=1.0) * fill.view(1, c, 1, 1)
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen).to(x.device)
+    rows = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
+    cols = (offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+@register_op
+def flip(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    """Horizontal flip of each image with probability ``p``."""
+    mask = (torch.rand(x.shape[0], generator=gen) < p).to(x.device)
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+@register_op
+def cutout(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, length: int = 16, n_holes: int = 1) -> torch.Tensor:
+    """Zero ``n_holes`` length x length squares per image, centres anywhere, clipped at the border."""
+    n, _, h, w = x.shape
+    keep = torch.ones(n, 1, h, w, dtype=torch.bool, device=x.device)
+    for _ in range(n_holes):
+        centre = torch.stack([torch.randint(0, h, (n,), generator=gen), torch.randint(0, w, (n,), generator=gen)], 1).to(x.device)
+        rows = torch.arange(h, device=x.device)[None, :]
+        cols = torch.arange(w, device=x.device)[None, :]
+        in_rows = (rows >= centre[:, :1] - length // 2) & (rows < centre[:, :1] + length // 2)
+        in_cols = (cols >= centre[:, 1:] - length // 2) & (cols < centre[:, 1:] + length // 2)
+        keep &= ~(in_rows[:, None, :, None] & in_cols[:, None, None, :])
+    return x * keep
+
+
+def resolve_ops(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Op names for a preset name or a list of op names; unknown names fail with the known ones."""
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise KeyError(f"unknown augmentation {spec!r}; known: {', '.join(list_augmentations())} (or a list of: {', '.join(list_ops())})")
+        return PRESETS[spec]
+    unknown = [op for op in spec if op not in _OPS]
+    if unknown:
+        raise KeyError(f"unknown augmentation op {unknown[0]!r}; known: {', '.join(list_ops())}")
+    return tuple(spec)
+
+
+class Augmenter:
+    """A composed pipeline: ``Augmenter('cutout', {'cutout': {'length': 8}})(batch, gen)``."""
+
+    def __init__(self, spec: str | Sequence[str], params: dict[str, dict] | None = None, fill: torch.Tensor | None = None):
+        self.ops = resolve_ops(spec)
+        self.params = params or {}
+        unknown = set(self.params) - set(_OPS)
+        if unknown:
+            raise KeyError(f"augment_params for unknown op {sorted(unknown)[0]!r}; known: {', '.join(list_ops())}")
+        self.fill = fill  # normalised value of a black pixel, used by crop's padding
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        fill = self.fill if self.fill is not None else torch.zeros(x.shape[1], device=x.device)
+        for name in self.ops:
+            x = _OPS[name](x, gen, fill.to(x.device, x.dtype), **self.params.get(name, {}))
+        return x

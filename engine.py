@@ -1,0 +1,165 @@
+"""The pieces of a training loop: device, seeding, optimiser and schedule, one epoch, evaluation.
+
+``trainable.py`` tells the story of one trial with these; the benchmark times the same functions.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+import metrics
+from config import ScheduleConfig, TrialConfig
+from data_zoo import Augmenter, DataBundle, Split, iterate_batches
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU (never hard-coded)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy, torch and CUDA; ask cudnn for deterministic algorithms."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator for one epoch's order and augmentation: resuming at an epoch replays it exactly."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW from ``cfg.optimizer``."""
+    o = cfg.optimizer
+    if o.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+
+
+def lr_factor(s: ScheduleConfig, epochs: int, epoch: int) -> float:
+    """Multiplier of the base lr in ``epoch`` (0-based): linear warm-up, then the named schedule."""
+    if epoch < s.warmup_epochs:
+        return (epoch + 1) / (s.warmup_epochs + 1)
+    progress = (epoch - s.warmup_epochs) / max(1, epochs - s.warmup_epochs)
+    factors = {
+        "constant": lambda: 1.0,
+        "multistep": lambda: s.gamma ** sum(epoch >= m for m in s.milestones),
+        "cosine": lambda: 0.5 * (1 + math.cos(math.pi * progress)),
+        "onecycle": lambda: 0.1 + 0.9 * progress / 0.3 if progress < 0.3 else max(0.01, (1 - progress) / 0.7),
+    }
+    return factors[s.name]()
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch schedule; its state_dict (last_epoch) resumes it."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg.schedule, cfg.epochs, e))
+
+
+@dataclass
+class Precision:
+    """Autocast dtype (None: fp32) and the grad scaler fp16 needs."""
+
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+def pick_precision(device: torch.device, amp: bool) -> Precision:
+    """bf16 autocast on CUDA where supported, fp16 + GradScaler where not, fp32 on CPU."""
+    if not amp or device.type != "cuda":
+        return Precision(None, None)
+    if torch.cuda.is_bf16_supported():
+        return Precision(torch.bfloat16, None)
+    return Precision(torch.float16, torch.amp.GradScaler("cuda"))
+
+
+def train_epoch(model, bundle: DataBundle, cfg: TrialConfig, optimizer, precision: Precision, gen, augmenter: Augmenter, device) -> dict[str, float]:
+    """One pass over the training split; returns loss, accuracy and throughput."""
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for x, y, _ in iterate_batches(bundle, bundle.train, cfg.batch_size, gen, augmenter, cfg.channels_last):
+        with precision.autocast(device):
+            logits = model(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if precision.scaler is not None:
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            optimizer.step()
+        loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
+        correct += (logits.argmax(1) == y).sum()
+    seconds = time.perf_counter() - start
+    n = len(bundle.train)
+    return {
+        metrics.TRAIN_LOSS: loss_sum.item() / n,
+        metrics.TRAIN_ACC: correct.item() / n,
+        metrics.EPOCH_SECONDS: seconds,
+        metrics.IMAGES_PER_SECOND: n / seconds,
+    }
+
+
+@torch.inference_mode()
+def predict(model, bundle: DataBundle, split: Split, batch_size: int, precision: Precision, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 (N, C), source indices) for a split, never augmented, in split order."""
+    model.eval()
+    logits, indices = [], []
+    for x, _, idx in iterate_batches(bundle, split, batch_size):
+        with precision.autocast(device):
+            logits.append(model(x).float())
+        indices.append(idx)
+    return torch.cat(logits), torch.cat(indices)
+
+
+def evaluate(model, bundle: DataBundle, split: Split, cfg: TrialConfig, precision: Precision, device, prefix: str) -> dict[str, float]:
+    """Loss and accuracy of a split under ``prefix`` (``val`` or ``test``)."""
+    logits, _ = predict(model, bundle, split, cfg.eval_batch_size, precision, device)
+    loss = nn.functional.cross_entropy(logits, split.y).item()
+    return {f"{prefix}/loss": loss, f"{prefix}/acc": (logits.argmax(1) == split.y).float().mean().item()}
+
+
+def classification_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], threshold: float) -> dict:
+    """Accuracy, macro precision/recall/F1, per-class accuracy, confusion matrix, confident errors."""
+    k = len(classes)
+    preds = probs.argmax(1)
+    confusion = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+    tp = np.diag(confusion).astype(float)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    confident_errors = int(((preds != labels) & (probs.max(1) > threshold)).sum())
+    summary = {
+        metrics.TEST_ACC: float((preds == labels).mean()),
+        metrics.TEST_PRECISION: float(precision.mean()),
+        metrics.TEST_RECALL: float(recall.mean()),
+        metrics.TEST_F1: float(f1.mean()),
+        metrics.TEST_CONFIDENT_ERRORS: confident_errors,
+    }
+    summary.update({metrics.TEST_CLASS_ACC.format(c): float(recall[i]) for i, c in enumerate(classes)})
+    return {"metrics": summary, "confusion": confusion}

@@ -1,0 +1,26 @@
+"""Metric names, defined once: ``tune.report``, MLflow and ``analysis/`` all use these strings."""
+
+TRAIN_LOSS = "train/loss"
+TRAIN_ACC = "train/acc"
+VAL_LOSS = "val/loss"
+VAL_ACC = "val/acc"
+LR = "lr"
+EPOCH_SECONDS = "time/epoch_s"
+IMAGES_PER_SECOND = "time/images_per_s"
+EPOCH = "epoch"
+
+TEST_LOSS = "test/loss"
+TEST_ACC = "test/acc"
+TEST_PRECISION = "test/precision_macro"
+TEST_RECALL = "test/recall_macro"
+TEST_F1 = "test/f1_macro"
+TEST_CONFIDENT_ERRORS = "test/confident_errors"  # errors made with confidence > threshold
+TEST_CLASS_ACC = "test/class_acc/{}"  # .format(class name)
+
+EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IMAGES_PER_SECOND)
+FINAL_METRICS = (TEST_LOSS, TEST_ACC, TEST_PRECISION, TEST_RECALL, TEST_F1, TEST_CONFIDENT_ERRORS)
+
+# Artifact names inside each MLflow run.
+PREDICTIONS_FILE = "predictions.npz"  # probs (N, C) float16, labels, preds, index
+WEIGHTS_FILE = "weights.pt"  # state_dict, torch.load(..., weights_only=True)
+CONFIG_FILE = "config.yaml"  # the resolved trial config

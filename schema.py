@@ -1,0 +1,325 @@
+"""Load ``experiments.yaml``, apply ``--set`` overrides, validate everything, expand the grid.
+
+Every problem is reported with its place in the file (``experiments.quick.grid.arch[2]: unknown
+model 'resnet19'; known: ...``) and all of them at once, before Ray or MLflow is touched.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config import ExperimentConfig, TrialConfig, nested_configs
+
+SEARCH_KINDS = ("choice", "uniform", "loguniform")
+TOP_KEYS = ("defaults", "default_experiment", "experiments")
+
+
+class ConfigError(ValueError):
+    """One or more problems in the experiment file; ``str()`` lists them, a line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --- dict -> dataclass, with path-named type errors ------------------------------------------
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list or hint is list:
+        args = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value) if args else isinstance(value, list)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def build(cls: type, data: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    """Build dataclass ``cls`` from ``data``; append (dotted key, message) for every bad key or type."""
+    if not isinstance(data, dict):
+        problems.append((path, f"must be a mapping, got {type(data).__name__}"))
+        return cls()
+    hints, nested = typing.get_type_hints(cls), nested_configs(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            problems.append((where, f"unknown key {key!r}; known: {', '.join(sorted(hints))}"))
+        elif key in nested:
+            kwargs[key] = build(nested[key], value, where, problems)
+        elif not _type_ok(value, hints[key]):
+            problems.append((where, f"expected {_type_name(hints[key])}, got {type(value).__name__} {value!r}"))
+        else:
+            kwargs[key] = float(value) if hints[key] is float else value
+    obj = cls(**kwargs)
+    for key, message in obj.problems():
+        problems.append((f"{path}.{key}" if path else key, message))
+    return obj
+
+
+def registry_problems(cfg: TrialConfig) -> list[tuple[str, str]]:
+    """Names the registries do not know, and model kwargs the factory rejects."""
+    import torch
+
+    from data_zoo import augment, sources
+    from model_zoo import create_model, list_models
+
+    out = []
+    if cfg.arch not in list_models():
+        out.append(("arch", f"unknown model {cfg.arch!r}; known: {', '.join(list_models())}"))
+    else:
+        try:
+            with torch.device("meta"):  # shape-only build: checks kwargs without allocating weights
+                create_model(cfg.arch, num_classes=10, **cfg.model)
+        except (TypeError, ValueError) as err:
+            out.append(("model", f"{cfg.arch} rejects {cfg.model}: {err}"))
+    try:
+        augment.Augmenter(cfg.augment, cfg.augment_params)
+    except KeyError as err:
+        out.append(("augment", err.args[0]))
+    if cfg.data.name not in sources.list_datasets():
+        out.append(("data.name", f"unknown dataset {cfg.data.name!r}; known: {', '.join(sources.list_datasets())}"))
+    return out
+
+
+# --- dotted paths, merging, overrides ---------------------------------------------------------
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` updated by ``override``, recursing into mappings (lists are replaced whole)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def set_path(data: dict, dotted: str, value: Any) -> dict:
+    """Copy of ``data`` with ``a.b.c`` set to ``value`` (intermediate mappings created)."""
+    out = copy.deepcopy(data)
+    node = out
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {dotted}: {key!r} is not a mapping"])
+    node[leaf] = value
+    return out
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """``['epochs=2', 'data.name=imagefolder']`` -> {'epochs': 2, 'data.name': 'imagefolder'} (YAML-typed)."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE, e.g. --set epochs=2"])
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+# --- the search space -------------------------------------------------------------------------
+
+
+def grid_candidates(key: str, spec: Any, where: str, problems: list[tuple[str, str]]) -> list[tuple[str, Any]]:
+    """(path, value) pairs to validate for one grid entry: every listed value, or a range's bounds."""
+    if isinstance(spec, list):
+        if not spec:
+            problems.append((where, "an empty list: give at least one value"))
+        return [(f"{where}[{i}]", v) for i, v in enumerate(spec)]
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS:
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            return grid_candidates(key, args, f"{where}.choice", problems)
+        if not (isinstance(args, list) and len(args) == 2 and all(_type_ok(a, float) for a in args) and args[0] < args[1]):
+            problems.append((f"{where}.{kind}", f"expected [low, high] numbers with low < high, got {args!r}"))
+            return []
+        if kind == "loguniform" and args[0] <= 0:
+            problems.append((f"{where}.{kind}", f"loguniform needs low > 0, got {args[0]}"))
+        return [(f"{where}.{kind}[{i}]", float(a)) for i, a in enumerate(args)]
+    problems.append((where, f"expected a list (grid) or one of {{{', '.join(k + ': ...' for k in SEARCH_KINDS)}}}, got {spec!r}"))
+    return []
+
+
+def grid_trials(grid: dict) -> int:
+    """Number of grid points (random-search entries count once; num_samples multiplies)."""
+    sizes = [len(v) for v in grid.values() if isinstance(v, list)]
+    return int(max(1, __import__("math").prod(sizes)))
+
+
+def expand_grid(grid: dict, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Concrete override dicts, one per trial, in Ray's order (grid product x samples). For dry runs."""
+    import random
+
+    rng = random.Random(seed)
+    lists = {k: v for k, v in grid.items() if isinstance(v, list)}
+    out = []
+    for _ in range(num_samples):
+        for combo in itertools.product(*lists.values()) if lists else [()]:
+            point = dict(zip(lists, combo))
+            for key, spec in grid.items():
+                if isinstance(spec, dict):
+                    point[key] = _sample(spec, rng)
+            out.append(point)
+    return out
+
+
+def _sample(spec: dict, rng) -> Any:
+    import math
+
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        return rng.choice(args)
+    if kind == "uniform":
+        return rng.uniform(*args)
+    return math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))
+
+
+def to_tune_space(grid: dict) -> dict[str, Any]:
+    """The grid as Ray Tune search-space objects, keyed by dotted setting path."""
+    from ray import tune
+
+    makers = {"choice": tune.choice, "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a)}
+    out = {}
+    for key, spec in grid.items():
+        if isinstance(spec, list):
+            out[key] = tune.grid_search(spec)
+        else:
+            kind, args = next(iter(spec.items()))
+            out[key] = makers[kind](args)
+    return out
+
+
+def apply_overrides(trial: dict, overrides: dict[str, Any]) -> dict:
+    """A trial dict with each dotted ``overrides`` key set (one grid point)."""
+    for key, value in overrides.items():
+        trial = set_path(trial, key, value)
+    return trial
+
+
+# --- whole-file validation --------------------------------------------------------------------
+
+
+def _locate(key: str, layers: list[tuple[str, dict]]) -> str:
+    """The place a dotted key came from: the last layer (``--set``, experiment, defaults) that sets it."""
+    for prefix, raw in reversed(layers):
+        node: Any = raw
+        if prefix == "--set":
+            if any(key == k or key.startswith(k + ".") for k in raw):
+                return f"--set {key}"
+            continue
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return f"{prefix}.{key}" if prefix else key
+    return f"{layers[-1][0]}.{key}" if layers[-1][0] != "--set" else f"--set {key}"
+
+
+def validate_experiment(merged: dict, layers: list[tuple[str, dict]], grid_where: str) -> tuple[ExperimentConfig, list[str]]:
+    """Build and check one merged experiment; return it and its path-named problems."""
+    problems: list[tuple[str, str]] = []
+    cfg = build(ExperimentConfig, merged, "", problems)
+    errors = [f"{_locate(k, layers)}: {m}" for k, m in problems]
+    if not problems:
+        errors += [f"{_locate(k, layers)}: {m}" for k, m in registry_problems(cfg)]
+    grid = merged.get("grid") or {}
+    if not isinstance(grid, dict):
+        return cfg, errors
+    base = {k: v for k, v in merged.items() if k != "grid"}
+    for key, spec in grid.items():
+        local: list[tuple[str, str]] = []
+        for where, value in grid_candidates(key, spec, f"{grid_where}.{key}", local):
+            point = set_path(base, key, value)
+            inner: list[tuple[str, str]] = []
+            trial = build(ExperimentConfig, point, "", inner)
+            if not inner:
+                inner = registry_problems(trial)
+            local += [(where, m) for k, m in inner if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
+        errors += [f"{w}: {m}" for w, m in local]
+    return cfg, errors
+
+
+def load_file(path: str | Path) -> dict:
+    """Parse the YAML file (``safe_load``) and check its top level."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read the config file ({err.strerror})"]) from err
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"]) from err
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: top level must be a mapping with keys {', '.join(TOP_KEYS)}"])
+    problems = [f"{k}: unknown top-level key; known: {', '.join(TOP_KEYS)}" for k in raw if k not in TOP_KEYS]
+    if not isinstance(raw.get("experiments"), dict) or not raw["experiments"]:
+        problems.append("experiments: must be a non-empty mapping of experiment name -> settings")
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def resolve(path: str | Path, name: str | None = None, sets: list[str] | None = None) -> tuple[str, ExperimentConfig]:
+    """Validate the whole file, then return (name, config) of the chosen experiment with ``--set`` applied."""
+    raw = load_file(path)
+    defaults, experiments = raw.get("defaults") or {}, raw["experiments"]
+    name = name or raw.get("default_experiment") or next(iter(experiments))
+    errors = []
+    if name not in experiments:
+        errors.append(f"--experiment {name!r}: no such experiment; known: {', '.join(experiments)}")
+    overrides = parse_sets(sets or [])
+    chosen = None
+    for exp_name, exp in experiments.items():
+        exp = exp or {}
+        if not isinstance(exp, dict):
+            errors.append(f"experiments.{exp_name}: must be a mapping, got {type(exp).__name__}")
+            continue
+        merged = deep_merge(defaults, exp)
+        layers = [("defaults", defaults), (f"experiments.{exp_name}", exp)]
+        if exp_name == name:
+            for key, value in overrides.items():
+                merged = set_path(merged, key, value)
+                if isinstance(merged.get("grid"), dict):
+                    merged["grid"].pop(key, None)  # a --set value fixes a gridded setting
+            layers.append(("--set", overrides))
+        cfg, problems = validate_experiment(merged, layers, f"experiments.{exp_name}.grid")
+        errors += problems
+        if exp_name == name:
+            chosen = cfg
+    if errors:
+        raise ConfigError(errors)
+    return name, chosen
+
+
+def trial_configs(cfg: ExperimentConfig) -> list[TrialConfig]:
+    """Every trial of a (validated) experiment, for dry runs and trial tables."""
+    out = []
+    for point in expand_grid(cfg.grid, cfg.num_samples):
+        problems: list[tuple[str, str]] = []
+        out.append(build(TrialConfig, apply_overrides(cfg.trial_dict(), point), "", problems))
+    return out
+
+
+def as_dict(cfg: Any) -> dict:
+    """A config dataclass as a plain dict."""
+    return dataclasses.asdict(cfg)

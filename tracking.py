@@ -1,0 +1,205 @@
+"""MLflow plumbing shared by the driver, the trials and the analysis.
+
+The default store is ``mlruns/`` at the project root: an SQLite database (``mlruns/mlflow.db``,
+MLflow 3 no longer accepts a plain file store) with artifacts beside it (``mlruns/artifacts``). The
+driver resolves it to an absolute URI and creates it, and the experiment, before any trial starts:
+trials run in Ray's working directories and would otherwise race on the schema migration.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"
+SWEEP_TAG = "stresslab.sweep_id"
+TRIAL_TAG = "stresslab.trial_id"
+KIND_TAG = "stresslab.kind"  # sweep | trial | rerun | analysis
+PACKAGES = ("torch", "torchvision", "ray", "mlflow", "numpy", "grad-cam")
+
+
+def default_tracking_uri(root: Path = PROJECT_ROOT) -> str:
+    """``sqlite:////abs/path/mlruns/mlflow.db``."""
+    return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(cli_uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the project's local store; local paths made absolute."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifact folder beside a local SQLite store (None for a server, which has its own)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent / "artifacts").as_uri()
+
+
+def client(uri: str):
+    """An ``MlflowClient`` on ``uri``, creating the local store folder first."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"cannot create the MLflow store folder {db.parent} ({err.strerror}); pass --tracking-uri") from err
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(mlflow_client, name: str, description: str, uri: str) -> str:
+    """Id of MLflow experiment ``name``, created (with its artifact folder) when missing."""
+    found = mlflow_client.get_experiment_by_name(name)
+    exp_id = found.experiment_id if found else mlflow_client.create_experiment(name, artifact_location=_experiment_artifacts(uri, name))
+    if description:
+        mlflow_client.set_experiment_tag(exp_id, NOTE_TAG, description)
+    return exp_id
+
+
+def _experiment_artifacts(uri: str, name: str) -> str | None:
+    root = artifact_root(uri)
+    return f"{root}/{name}" if root else None
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """Commit and dirty flag of the project checkout ('unknown' outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD") or "unknown"
+        dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", "unknown"
+    return {"git.commit": commit, "git.dirty": dirty}
+
+
+def environment_tags() -> dict[str, str]:
+    """Code version, package versions, host and Python: what reproducing a run needs."""
+    tags = git_state()
+    for package in PACKAGES:
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"version.{package}"] = "missing"
+    tags.update({"host": socket.gethostname(), "python": platform.python_version()})
+    return tags
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (``optimizer.lr``), the form MLflow params and ``--set`` use."""
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_metrics(mlflow_client, run_id: str, values: dict[str, float], step: int) -> None:
+    """Log a dict of metrics at one step in one batch (retried: SQLite may be busy with other trials)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+    retry(lambda: mlflow_client.log_batch(run_id, metrics=batch))
+
+
+def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
+    """Log flattened params in batches of 100 (MLflow's per-call limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    for start in range(0, len(items), 100):
+        chunk = items[start : start + 100]
+        retry(lambda: mlflow_client.log_batch(run_id, params=chunk))
+
+
+def retry(fn, attempts: int = 8, delay: float = 0.25):
+    """Call ``fn``, retrying on transient store errors (``database is locked``) with backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # MLflow wraps sqlite errors in several exception types
+            if attempt == attempts - 1 or "locked" not in str(err).lower() and "busy" not in str(err).lower():
+                raise
+            time.sleep(delay * 2**attempt)
+    return None
+
+
+def run_name(trial: dict, overrides: dict[str, Any]) -> str:
+    """Readable run name: ``resnet18-cutout-s42``, plus any other searched setting (``-lr0.031``)."""
+    augment = trial.get("augment", "none")
+    augment = augment if isinstance(augment, str) else "+".join(augment) or "none"
+    parts = [str(trial.get("arch")), augment, f"s{trial.get('seed')}"]
+    for key, value in overrides.items():
+        if key not in ("arch", "augment", "seed"):
+            shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+            parts.append(f"{key.split('.')[-1]}{shown}")
+    return "-".join(parts)
+
+
+class TrialRun:
+    """One trial's MLflow run; a no-op when the trial runs without a tracking context."""
+
+    def __init__(self, mlflow_client=None, run_id: str | None = None, logged_steps: int = 0):
+        self.client, self.run_id, self.logged_steps = mlflow_client, run_id, logged_steps
+
+    @classmethod
+    def open(cls, sweep: dict, trial: dict, name: str, trial_id: str, resume_run_id: str | None) -> "TrialRun":
+        """Continue ``resume_run_id`` (from a checkpoint) or start a child run of the sweep's parent run."""
+        if not sweep:
+            return cls()
+        mlflow_client = client(sweep["tracking_uri"])
+        if resume_run_id:
+            history = mlflow_client.get_metric_history(resume_run_id, "epoch")
+            retry(lambda: mlflow_client.update_run(resume_run_id, status="RUNNING"))
+            return cls(mlflow_client, resume_run_id, max((int(m.step) for m in history), default=0))
+        tags = {**sweep.get("tags", {}), SWEEP_TAG: sweep["sweep_id"], TRIAL_TAG: trial_id, KIND_TAG: sweep.get("kind", "trial")}
+        if sweep.get("parent_run_id"):
+            tags[PARENT_TAG] = sweep["parent_run_id"]
+        run = retry(lambda: mlflow_client.create_run(sweep["experiment_id"], tags=tags, run_name=name))
+        log_params(mlflow_client, run.info.run_id, trial)
+        return cls(mlflow_client, run.info.run_id)
+
+    def log_epoch(self, values: dict[str, float], step: int) -> None:
+        """Per-epoch metrics at ``step``; steps already logged before a restart are not logged twice."""
+        if self.client and step > self.logged_steps:
+            log_metrics(self.client, self.run_id, values, step)
+            self.logged_steps = step
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        """Final metrics (test set) at the last epoch's step."""
+        if self.client:
+            log_metrics(self.client, self.run_id, values, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.client:
+            for key, value in tags.items():
+                retry(lambda: self.client.set_tag(self.run_id, key, str(value)))
+
+    def log_artifacts(self, folder: str | Path) -> None:
+        if self.client:
+            retry(lambda: self.client.log_artifacts(self.run_id, str(folder)))
+
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        """Mark the run ended; a failure keeps its error with the run."""
+        if not self.client:
+            return
+        if error is not None:
+            self.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+        retry(lambda: self.client.set_terminated(self.run_id, status=status))

@@ -1,0 +1,184 @@
+"""How one trial trains: the single Ray Tune function trainable behind every experiment.
+
+``train(config)`` is what Ray calls; ``fit(cfg, ...)`` is the story, in stages: device and seeds,
+data on the device, model and optimiser, resume, the epochs (train, validate, log, checkpoint),
+then the test set once (metrics, predictions, weights, figures). The metric names come from
+``metrics.py`` and are the same in ``tune.report``, MLflow and ``analysis/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+import metrics
+from config import EarlyStoppingConfig, TrialConfig
+from data_zoo import Augmenter, load_bundle
+from engine import (build_optimizer, build_scheduler, classification_report, epoch_generator, evaluate, pick_device,
+                    pick_precision, predict, seed_everything, train_epoch)
+from model_zoo import create_model
+from schema import apply_overrides, build
+from tracking import TrialRun, run_name
+
+STATE_FILE = "state.pt"
+Report = Callable[[dict, dict], None]  # (metrics, checkpoint state) -> None
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite: the trial stops at once instead of burning epochs."""
+
+
+class EarlyStopper:
+    """Counts epochs without improvement of one metric."""
+
+    def __init__(self, cfg: EarlyStoppingConfig, state: dict | None = None):
+        self.cfg = cfg
+        self.best, self.bad_epochs = (state["best"], state["bad_epochs"]) if state else (None, 0)
+
+    def update(self, values: dict[str, float]) -> bool:
+        """Record this epoch; True when patience is exhausted."""
+        if self.cfg.patience is None or self.cfg.metric not in values:
+            return False
+        value = values[self.cfg.metric]
+        better = self.best is None or (value > self.best if self.cfg.mode == "max" else value < self.best)
+        self.best, self.bad_epochs = (value, 0) if better else (self.best, self.bad_epochs + 1)
+        return self.bad_epochs >= self.cfg.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+
+def trial_config(config: dict) -> TrialConfig:
+    """The trial's ``TrialConfig`` from Ray's config (base settings + this grid point's overrides)."""
+    problems: list[tuple[str, str]] = []
+    cfg = build(TrialConfig, apply_overrides(config["trial"], config.get("overrides", {})), "", problems)
+    if problems:
+        raise ValueError("; ".join(f"{k}: {m}" for k, m in problems))
+    return cfg
+
+
+def train(config: dict) -> None:
+    """Ray Tune function trainable: builds everything inside, reports once per epoch, resumes from its checkpoint."""
+    from ray import tune
+
+    cfg = trial_config(config)
+    checkpoint = tune.get_checkpoint()
+    state = load_state(checkpoint.to_directory()) if checkpoint else None
+    name = run_name(config["trial"] | {"arch": cfg.arch, "augment": cfg.augment, "seed": cfg.seed}, config.get("overrides", {}))
+    sweep = config.get("sweep") or {}
+    run = TrialRun.open(sweep, dataclasses.asdict(cfg), name, tune.get_context().get_trial_id(), state and state.get("mlflow_run_id"))
+
+    def report(values: dict, checkpoint_state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(checkpoint_state, os.path.join(folder, STATE_FILE))
+            tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        fit(cfg, run, report, state, threads=sweep.get("threads"))
+    except Exception as err:
+        run.finish("FAILED", err)
+        raise
+    except BaseException as err:  # interrupted (Ctrl-C, stop): the run must not stay RUNNING
+        run.finish("KILLED", err)
+        raise
+    run.finish("FINISHED")
+
+
+def load_state(folder: str) -> dict:
+    """A trial checkpoint (weights-only unpickling: tensors, numbers, strings)."""
+    path = Path(folder) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise RuntimeError(f"cannot read checkpoint {path} ({err}); delete the trial's checkpoint folder to restart it from scratch") from err
+
+
+def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = None, threads: int | None = None) -> dict[str, float]:
+    """Train one trial to the end (or early stop), evaluate the test set once, log everything."""
+    # 1. Device and seeds. Threads follow the CPUs Ray gave the trial, so a rerun computes identically.
+    device = pick_device()
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    run.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch.num_threads": torch.get_num_threads()})
+
+    # 2. Data on the training device as uint8; batches are normalised and augmented there.
+    bundle = load_bundle(dataclasses.asdict(cfg.data), device)
+    augmenter = Augmenter(cfg.augment, cfg.augment_params, fill=bundle.black())
+
+    # 3. Model, optimiser, schedule, precision.
+    model = create_model(cfg.arch, len(bundle.classes), **cfg.model).to(device)
+    if cfg.channels_last:  # faster on CUDA and, for the small CNNs, on CPU too
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, precision = build_optimizer(model, cfg), pick_precision(device, cfg.amp)
+    scheduler = build_scheduler(optimizer, cfg)
+    stopper, start_epoch = EarlyStopper(cfg.early_stopping, state and state["stopper"]), 0
+
+    # 4. Resume: weights, optimiser, schedule, scaler and RNG exactly where the checkpoint left them.
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if precision.scaler is not None and state.get("scaler"):
+            precision.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch = state["epoch"]
+    step_model = torch.compile(model) if cfg.compile else model
+
+    # 5. Epochs: train, validate, log to MLflow, report to Tune with a checkpoint.
+    values: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = optimizer.param_groups[0]["lr"]
+        values = train_epoch(step_model, bundle, cfg, optimizer, precision, epoch_generator(cfg.seed, epoch), augmenter, device)
+        if not math.isfinite(values[metrics.TRAIN_LOSS]):
+            raise DivergedError(f"training loss is {values[metrics.TRAIN_LOSS]} at epoch {epoch + 1} (lr {lr:g}); lower optimizer.lr or set grad_clip")
+        if bundle.val is not None:
+            values.update(evaluate(step_model, bundle, bundle.val, cfg, precision, device, "val"))
+        values.update({metrics.LR: lr, metrics.EPOCH: epoch + 1})
+        scheduler.step()
+        last = stopper.update(values) or epoch + 1 == cfg.epochs
+        run.log_epoch(values, epoch + 1)
+        if last:  # 6. The test set, once, at the end.
+            values.update(finish(model, bundle, cfg, precision, device, run, epoch + 1))
+        checkpoint_state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": precision.scaler.state_dict() if precision.scaler else {}, "rng": torch.get_rng_state(),
+            "epoch": epoch + 1, "stopper": stopper.state_dict(), "mlflow_run_id": run.run_id or "",
+        }
+        report(values, checkpoint_state)
+        if last:
+            break
+    return values
+
+
+def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, step: int) -> dict[str, float]:
+    """Test metrics, and the artifacts analysis needs: weights, predictions, config, figures."""
+    from analysis.plots import plot_confusion, plot_curves
+
+    logits, index = predict(model, bundle, bundle.test, cfg.eval_batch_size, precision, device)
+    probs = torch.softmax(logits, 1).cpu().numpy()
+    labels = bundle.test.y.cpu().numpy()
+    report = classification_report(probs, labels, bundle.classes, cfg.threshold)
+    results = {metrics.TEST_LOSS: float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean()), **report["metrics"]}
+    if run.client is None:
+        return results
+    run.log_metrics(results, step)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder)
+        torch.save(model.state_dict(), out / metrics.WEIGHTS_FILE)
+        np.savez_compressed(out / metrics.PREDICTIONS_FILE, probs=probs.astype(np.float32), labels=labels,
+                            preds=probs.argmax(1), index=index.cpu().numpy(), classes=np.array(bundle.classes))
+        (out / metrics.CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        np.savetxt(out / "confusion_matrix.csv", report["confusion"], fmt="%d", delimiter=",", header=",".join(bundle.classes))
+        history = {k: [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, k)] for k in metrics.EPOCH_METRICS}
+        plot_curves({"run": history}, out / "training_curves.png")
+        plot_confusion(report["confusion"], bundle.classes, out / "confusion_matrix.png")
+        run.log_artifacts(out)
+    return results
