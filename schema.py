@@ -239,9 +239,7 @@ def validate_experiment(merged: dict, layers: list[tuple[str, dict]], grid_where
     """Build and check one merged experiment; return it and its path-named problems."""
     problems: list[tuple[str, str]] = []
     cfg = build(ExperimentConfig, merged, "", problems)
-    errors = [f"{_locate(k, layers)}: {m}" for k, m in problems]
-    if not problems:
-        errors += [f"{_locate(k, layers)}: {m}" for k, m in registry_problems(cfg)]
+    errors = [f"{_locate(k, layers)}: {m}" for k, m in problems + registry_problems(cfg)]
     grid = merged.get("grid") or {}
     if not isinstance(grid, dict):
         return cfg, errors
@@ -252,8 +250,7 @@ def validate_experiment(merged: dict, layers: list[tuple[str, dict]], grid_where
             point = set_path(base, key, value)
             inner: list[tuple[str, str]] = []
             trial = build(ExperimentConfig, point, "", inner)
-            if not inner:
-                inner = registry_problems(trial)
+            inner += registry_problems(trial)
             local += [(where, m) for k, m in inner if k == key or k.startswith(key + ".") or key.startswith(k + ".")]
         errors += [f"{w}: {m}" for w, m in local]
     return cfg, errors

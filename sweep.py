@@ -1,0 +1,261 @@
+"""How trials are launched: ``python sweep.py --config experiments.yaml [--experiment NAME]``.
+
+Validates the whole YAML, creates the MLflow store, experiment and a parent run, then hands the
+grid to Ray Tune with ``trainable.train`` as the one trainable. Also resumes interrupted sweeps
+and reruns the best trial of an experiment with exactly its config.
+
+Exit codes: 0 every trial finished, 1 some trial failed, 2 bad input (nothing started).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import metrics
+import tracking
+from config import ExperimentConfig
+from schema import ConfigError, as_dict, resolve, to_tune_space, trial_configs
+
+RESULTS_DIR = tracking.PROJECT_ROOT / "ray_results"
+EPILOG = """examples:
+  python sweep.py --config experiments.yaml --experiment quick --set data.name=imagefolder --set data.root=../shared/cifar10-jpeg
+  python sweep.py --experiment cifar10-stress --dry-run
+  python sweep.py --experiment quick --resume
+  python sweep.py --experiment quick --rerun-best --metric test/acc
+  python sweep.py --experiment cifar10-stress --address auto --tracking-uri http://127.0.0.1:5000
+
+exit codes: 0 all trials finished, 1 some trial failed, 2 bad input (nothing started)"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="experiments.yaml", help="experiment file (default: experiments.yaml)")
+    p.add_argument("--experiment", help="experiment name (default: the file's default_experiment)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting by dotted path, e.g. --set epochs=2 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trial table; start nothing")
+    p.add_argument("--resume", action="store_true", help="continue the latest interrupted launch of this experiment")
+    p.add_argument("--rerun-best", action="store_true", help="rerun the best finished trial of the experiment with exactly its config")
+    p.add_argument("--metric", default=metrics.TEST_ACC, help=f"metric that picks the best run for --rerun-best (default: {metrics.TEST_ACC})")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://head:10001)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
+    p.add_argument("--storage", default=str(RESULTS_DIR), help=f"Ray results folder; shared storage on a cluster (default: {RESULTS_DIR})")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        name, cfg = resolve(args.config, args.experiment, args.set)
+        cfg = absolute_paths(cfg)
+        if args.dry_run:
+            print_trial_table(name, cfg)
+            return 0
+        if not args.address:
+            check_gpus(name, cfg, available_gpus())
+    except ConfigError as err:
+        print(f"error: invalid configuration ({args.config}):\n  " + "\n  ".join(err.problems), file=sys.stderr)
+        return 2
+    if args.rerun_best:
+        return rerun_best(name, cfg, args)
+    return launch(name, cfg, args)
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Data root and cache made absolute: trials run in Ray's own working directories."""
+    data = dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).expanduser().resolve()))
+    if data.cache_dir:
+        data = dataclasses.replace(data, cache_dir=str(Path(data.cache_dir).expanduser().resolve()))
+    return dataclasses.replace(cfg, data=data)
+
+
+def available_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_gpus(name: str, cfg: ExperimentConfig, gpus: float) -> None:
+    """Refuse a per-trial GPU request the cluster cannot meet (Ray would wait forever)."""
+    if cfg.resources.gpu > gpus:
+        raise ConfigError([f"experiments.{name}.resources.gpu: {cfg.resources.gpu:g} GPU per trial but this cluster has {gpus:g}; "
+                           f"use --set resources.gpu=0 to run on CPU"])
+
+
+def print_trial_table(name: str, cfg: ExperimentConfig) -> None:
+    trials = trial_configs(cfg)
+    print(f"experiment {name}: {len(trials)} trials, {cfg.epochs} epochs, resources per trial {as_dict(cfg.resources)}")
+    print(f"{'#':>3}  {'arch':<14}{'augment':<10}{'seed':>6}  {'lr':>9}  {'data':<12}")
+    for i, t in enumerate(trials):
+        augment = t.augment if isinstance(t.augment, str) else "+".join(t.augment)
+        print(f"{i:>3}  {t.arch:<14}{augment:<10}{t.seed:>6}  {t.optimizer.lr:>9.4g}  {t.data.name:<12}")
+
+
+# --- launching ------------------------------------------------------------------------------
+
+
+def sweep_context(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str, extra_tags: dict | None = None) -> dict:
+    """Create store, experiment and parent run (driver side, before any trial) and describe them for the trials."""
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    mlflow_client = tracking.client(uri)
+    exp_id = tracking.ensure_experiment(mlflow_client, name, cfg.description, uri)
+    sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = tracking.environment_tags()
+    parent = mlflow_client.create_run(exp_id, run_name=sweep_id, tags={**tags, **(extra_tags or {}), tracking.SWEEP_TAG: sweep_id,
+                                                                       tracking.KIND_TAG: "sweep", tracking.NOTE_TAG: cfg.description})
+    tracking.log_params(mlflow_client, parent.info.run_id, {"grid": str(cfg.grid), "num_samples": cfg.num_samples, "config": args.config})
+    return {"tracking_uri": uri, "experiment_id": exp_id, "experiment": name, "sweep_id": sweep_id, "parent_run_id": parent.info.run_id,
+            "tags": {**tags, **(extra_tags or {})}, "kind": kind, "threads": max(1, int(cfg.resources.cpu))}
+
+
+def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
+    """A Tuner over the grid with ``trainable.train`` and the experiment's resources and scheduler."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    import trainable
+    from callbacks import MlflowStatusCallback, ProgressCallback
+
+    scheduler = None
+    if cfg.scheduler.name == "asha":
+        scheduler = ASHAScheduler(metric=cfg.metric, mode=cfg.mode, max_t=cfg.epochs, grace_period=cfg.scheduler.grace_period,
+                                  reduction_factor=cfg.scheduler.reduction_factor)
+    resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
+    param_space = {"trial": cfg.trial_dict(), "overrides": to_tune_space(cfg.grid), "sweep": sweep}
+    return tune.Tuner(
+        tune.with_resources(trainable.train, resources),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(
+            name=sweep["sweep_id"], storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[MlflowStatusCallback(sweep["tracking_uri"]), ProgressCallback()],
+            verbose=1,
+        ),
+    )
+
+
+def trial_name(trial) -> str:
+    """Ray trial (and folder) name: the MLflow run name plus Ray's short id."""
+    return f"{tracking.run_name(trial.config['trial'] | _point(trial.config), trial.config.get('overrides', {}))}_{trial.trial_id.split('_')[-1]}"
+
+
+def _point(config: dict) -> dict:
+    overrides = config.get("overrides", {})
+    return {k: overrides[k] for k in ("arch", "augment", "seed") if k in overrides}
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address)
+    else:  # local: the dashboard stays on loopback, no usage stats phoned home
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str = "trial", extra_tags: dict | None = None):
+    """Run (or resume) the sweep; print the results table; return the exit code."""
+    from ray import tune
+
+    import trainable
+
+    init_ray(args.address)
+    if args.address:
+        import ray
+
+        check_gpus(name, cfg, ray.cluster_resources().get("GPU", 0))
+    if args.resume:
+        path = latest_launch(args.storage, name)
+        print(f"resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable=tune.with_resources(trainable.train, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}),
+                                   resume_unfinished=True, resume_errored=True)
+        sweep = None  # the context lives in the restored param space
+    else:
+        sweep = sweep_context(name, cfg, args, kind, extra_tags)
+        print(f"sweep {sweep['sweep_id']}: MLflow experiment {name!r} at {sweep['tracking_uri']}")
+        tuner = build_tuner(cfg, sweep, args.storage)
+    results = tuner.fit()
+    return finish_launch(name, cfg, results, sweep)
+
+
+def latest_launch(storage: str, name: str) -> str:
+    """Newest Ray results folder of experiment ``name``."""
+    launches = sorted(Path(storage).glob(f"{name}-*"))
+    if not launches:
+        raise SystemExit(f"error: no launch of {name!r} under {storage} to resume; start one without --resume")
+    return str(launches[-1])
+
+
+def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict | None) -> int:
+    """Print the trials sorted by the metric, close the parent run, say how to open the UI."""
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        rows.append((m.get("trial_id", "?"), result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), result.error))
+    rows.sort(key=lambda r: (r[2] is None, -(r[2] or 0) if cfg.mode == "max" else (r[2] or 0)))
+    print(f"\n{'trial':<40}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
+    for _, folder, value, test_acc, epochs, error in rows:
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
+        print(f"{str(folder)[:39]:<40}{fmt(value):>10}{fmt(test_acc):>10}{str(epochs or '-'):>8}  {'ERROR: ' + str(error).splitlines()[0][:60] if error else 'done'}")
+    failed = sum(1 for r in rows if r[5])
+    sweep = sweep or next((r.config["sweep"] for r in results if r.config), None)
+    uri = sweep["tracking_uri"] if sweep else tracking.resolve_tracking_uri()
+    if sweep:
+        tracking.client(uri).set_terminated(sweep["parent_run_id"], status="FAILED" if failed else "FINISHED")
+    print(f"\n{len(rows) - failed}/{len(rows)} trials finished. Compare them in the MLflow UI:\n  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return 1 if failed else 0
+
+
+# --- rerunning the best trial -----------------------------------------------------------------
+
+
+def best_run(uri: str, name: str, metric: str, mode: str):
+    """The finished trial run of experiment ``name`` with the best ``metric`` (a pandas row)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.`{tracking.KIND_TAG}` IN ('trial', 'rerun') and attributes.status = 'FINISHED'",
+                              order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"])
+    column = f"metrics.{metric}"
+    if runs.empty or column not in runs or runs[column].isna().all():
+        raise SystemExit(f"error: experiment {name!r} has no finished run with metric {metric!r} at {uri}; run the sweep first")
+    return runs[runs[column].notna()].iloc[0]
+
+
+def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """Rerun the best trial with exactly its logged config as a new run tagged ``rerun_of``; print both."""
+    import mlflow
+    import yaml
+
+    from config import TrialConfig
+    from schema import build
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    mode = cfg.mode if args.metric == cfg.metric else ("min" if "loss" in args.metric or "errors" in args.metric else "max")
+    best = best_run(uri, name, args.metric, mode)
+    path = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=metrics.CONFIG_FILE, tracking_uri=uri)
+    problems: list = []
+    trial = build(TrialConfig, yaml.safe_load(Path(path).read_text()), "", problems)
+    if problems:
+        raise SystemExit(f"error: the logged config of run {best.run_id} no longer validates: {problems}")
+    rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
+    print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), {args.metric} = {best[f'metrics.{args.metric}']:.4f}")
+    code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
+    new = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.rerun_of = '{best.run_id}'", order_by=["attributes.start_time DESC"]).iloc[0]
+    print(f"\n{'metric':<26}{'original':>12}{'rerun':>12}")
+    for key in (args.metric, *metrics.FINAL_METRICS):
+        a, b = best.get(f"metrics.{key}"), new.get(f"metrics.{key}")
+        print(f"{key:<26}{a:>12.4f}{b:>12.4f}" if a == a and b == b and a is not None and b is not None else f"{key:<26}{a!s:>12}{b!s:>12}")
+    print(f"original run {best.run_id}, rerun {new.run_id}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
