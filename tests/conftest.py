@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny synthetic experiment files, CIFAR-format pickles, an isolated cache."""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_JPEG_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+
+TINY = {
+    "arch": "plain_cnn",
+    "model": {"widths": [8, 16, 16]},
+    "epochs": 2,
+    "batch_size": 64,
+    "eval_batch_size": 256,
+    "schedule": {"name": "onecycle"},
+    "optimizer": {"lr": 0.05},
+    "data": {"name": "synthetic", "n_train": 400, "n_test": 120, "val_fraction": 0.2},
+    "resources": {"cpu": 1},
+    "max_failures": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test decodes into its own session cache, never the user's."""
+    monkeypatch.setenv("STRESSLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def write_experiments(path: Path, experiments: dict, defaults: dict | None = None) -> Path:
+    """An experiments.yaml with TINY defaults (plus ``defaults``) and the given experiments."""
+    path.write_text(yaml.safe_dump({"defaults": {**TINY, **(defaults or {})}, "experiments": experiments}))
+    return path
+
+
+def _pickle(path: Path, obj: dict) -> str:
+    path.write_bytes(pickle.dumps(obj))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(root: Path, monkeypatch, hundred: bool, n_train: int = 60, n_test: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10/100 python-format batches under ``root``; torchvision's md5 table is pointed at them."""
+    import torchvision
+
+    rng = np.random.default_rng(0)
+    k = 100 if hundred else 10
+    train = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8), rng.integers(0, k, n_train).tolist()
+    test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), rng.integers(0, k, n_test).tolist()
+    label_key = "fine_labels" if hundred else "labels"
+    cls = torchvision.datasets.CIFAR100 if hundred else torchvision.datasets.CIFAR10
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    if hundred:
+        train_list = [["train", _pickle(folder / "train", {"data": train[0], label_key: train[1]})]]
+        test_list = [["test", _pickle(folder / "test", {"data": test[0], label_key: test[1]})]]
+        meta = {"filename": "meta", "key": "fine_label_names", "md5": _pickle(folder / "meta", {"fine_label_names": [f"c{i:02d}" for i in range(k)]})}
+    else:
+        chunks = np.array_split(np.arange(n_train), 5)
+        train_list = [[f"data_batch_{i + 1}", _pickle(folder / f"data_batch_{i + 1}", {"data": train[0][c], label_key: [train[1][j] for j in c]})] for i, c in enumerate(chunks)]
+        test_list = [["test_batch", _pickle(folder / "test_batch", {"data": test[0], label_key: test[1]})]]
+        names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        meta = {"filename": "batches.meta", "key": "label_names", "md5": _pickle(folder / "batches.meta", {"label_names": names})}
+    monkeypatch.setattr(cls, "train_list", train_list)
+    monkeypatch.setattr(cls, "test_list", test_list)
+    monkeypatch.setattr(cls, "meta", meta)
+    return train[0].reshape(-1, 3, 32, 32), test[0].reshape(-1, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def shared_jpeg(tmp_path_factory) -> Path:
+    """The shared real CIFAR-10 JPEG set, unpacked once per session (skipped where absent)."""
+    import tarfile
+
+    if not SHARED_JPEG_TAR.exists():
+        pytest.skip(f"{SHARED_JPEG_TAR} not present")
+    out = tmp_path_factory.mktemp("jpeg")
+    with tarfile.open(SHARED_JPEG_TAR) as tar:
+        tar.extractall(out, filter="data")
+    return out / "cifar10-jpeg"

@@ -1,0 +1,92 @@
+"""The experiment file: every experiment validates and expands; mistakes are named and refused."""
+import pytest
+import yaml
+
+import sweep
+from schema import ConfigError, resolve, trial_configs
+from tests.conftest import ROOT, write_experiments
+
+EXPECTED_TRIALS = {"cifar10-stress": 36, "cifar100-resnet18": 1, "lr-search": 16, "quick": 6}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TRIALS))
+def test_every_experiment_validates_and_dry_runs(name, capsys):
+    _, cfg = resolve(ROOT / "experiments.yaml", name)
+    assert len(trial_configs(cfg)) == EXPECTED_TRIALS[name]
+    assert sweep.main(["--config", str(ROOT / "experiments.yaml"), "--experiment", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"experiment {name}: {EXPECTED_TRIALS[name]} trials" in out
+
+
+def test_the_file_names_every_experiment_we_expect():
+    raw = yaml.safe_load((ROOT / "experiments.yaml").read_text())
+    assert set(raw["experiments"]) == set(EXPECTED_TRIALS) and raw["default_experiment"] == "cifar10-stress"
+
+
+def test_main_study_is_seed_000s_settings():
+    _, cfg = resolve(ROOT / "experiments.yaml", "cifar10-stress")
+    assert (cfg.epochs, cfg.batch_size, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.nesterov, cfg.optimizer.weight_decay) == (50, 128, 0.1, 0.9, True, 5e-4)
+    assert (cfg.schedule.name, cfg.schedule.milestones, cfg.schedule.gamma) == ("multistep", [25, 40], 0.1)
+    combos = {(t.arch, t.augment, t.seed) for t in trial_configs(cfg)}
+    assert len(combos) == 36 and {a for a, _, _ in combos} == {"plain_cnn", "residual_cnn", "se_cnn", "resnet18"}
+
+
+def test_set_overrides_a_gridded_setting_and_nested_paths():
+    _, cfg = resolve(ROOT / "experiments.yaml", "quick", ["arch=se_cnn", "data.name=imagefolder", "data.root=/x", "epochs=2"])
+    trials = trial_configs(cfg)
+    assert len(trials) == 2 and {t.arch for t in trials} == {"se_cnn"}
+    assert trials[0].data.name == "imagefolder" and trials[0].data.root == "/x" and trials[0].epochs == 2
+
+
+MISTAKES = [
+    ({"grid": {"arch": ["plain_cnn", "plain_cnn", "resnet19"]}}, [], "experiments.bad.grid.arch[2]: unknown model 'resnet19'; known: plain_cnn, residual_cnn, resnet18, se_cnn"),
+    ({"augment": "mixup"}, [], "experiments.bad.augment: unknown augmentation 'mixup'; known: cropflip, cutout, none"),
+    ({"data": {"name": "imagenet"}}, [], "experiments.bad.data.name: unknown dataset 'imagenet'; known: cifar10, cifar100, imagefolder, synthetic"),
+    ({"epochs": 0}, [], "experiments.bad.epochs: must be >= 1, got 0"),
+    ({"optimizer": {"lr": -0.1}}, [], "experiments.bad.optimizer.lr: must be > 0, got -0.1"),
+    ({"data": {"val_fraction": 1.2}}, [], "experiments.bad.data.val_fraction: must be in [0, 1), got 1.2"),
+    ({"epochz": 3}, [], "experiments.bad.epochz: unknown key 'epochz'; known:"),
+    ({"batch_size": "big"}, [], "experiments.bad.batch_size: expected int, got str 'big'"),
+    ({"grid": {"optimizer.lr": {"loguniform": [0.1, 0.01]}}}, [], "experiments.bad.grid.optimizer.lr.loguniform: expected [low, high] numbers with low < high"),
+    ({"scheduler": {"name": "hyperband"}}, [], "experiments.bad.scheduler.name: unknown scheduler 'hyperband'; known: none, asha"),
+    ({"model": {"depth": 3}}, [], "experiments.bad.model: plain_cnn rejects {'widths': [8, 16, 16], 'depth': 3}"),
+    ({}, ["optimizer.momentm=0.9"], "--set optimizer.momentm: unknown key 'momentm'"),
+    ({"resources": {"gpu": 2}}, [], "experiments.bad.resources.gpu: 2 GPU per trial but this cluster has 0"),
+]
+
+
+@pytest.mark.parametrize("bad, sets, message", MISTAKES, ids=[m[2].split(":")[0] for m in MISTAKES])
+def test_config_mistakes_exit_2_with_named_error_and_nothing_started(tmp_path, capsys, bad, sets, message):
+    import ray
+
+    path = write_experiments(tmp_path / "experiments.yaml", {"ok": {}, "bad": bad})
+    store = tmp_path / "store" / "mlflow.db"
+    argv = ["--config", str(path), "--experiment", "ok" if sets else "bad", "--tracking-uri", f"sqlite:///{store}", "--storage", str(tmp_path / "ray")]
+    for s in sets:
+        argv += ["--set", s]
+    assert sweep.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not store.parent.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no run, no Ray results
+    assert not ray.is_initialized()
+
+
+def test_errors_in_another_experiment_block_the_launch(tmp_path):
+    path = write_experiments(tmp_path / "e.yaml", {"ok": {}, "other": {"epochs": -1}})
+    with pytest.raises(ConfigError, match="experiments.other.epochs: must be >= 1"):
+        resolve(path, "ok")
+
+
+def test_error_in_defaults_points_at_defaults(tmp_path):
+    path = write_experiments(tmp_path / "e.yaml", {"ok": {}}, defaults={"label_smoothing": 2.0})
+    with pytest.raises(ConfigError, match=r"defaults.label_smoothing: must be in \[0, 1\)"):
+        resolve(path, "ok")
+
+
+def test_unknown_experiment_and_broken_yaml(tmp_path):
+    path = write_experiments(tmp_path / "e.yaml", {"ok": {}})
+    with pytest.raises(ConfigError, match="--experiment 'nope': no such experiment; known: ok"):
+        resolve(path, "nope")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("experiments: {ok: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve(broken)
