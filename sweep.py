@@ -151,13 +151,17 @@ def _point(config: dict) -> dict:
 
 
 def init_ray(address: str | None) -> None:
+    """Join ``address`` (shipping the project code to the cluster) or start Ray locally."""
     import ray
 
+    if ray.is_initialized():
+        return
     if address:
-        ray.init(address=address)
+        excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/"]
+        ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes})
     else:  # local: the dashboard stays on loopback, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT)}})
 
 
 def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str = "trial", extra_tags: dict | None = None):
@@ -221,7 +225,7 @@ def best_run(uri: str, name: str, metric: str, mode: str):
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.`{tracking.KIND_TAG}` IN ('trial', 'rerun') and attributes.status = 'FINISHED'",
+    runs = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.`{tracking.KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'",
                               order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"])
     column = f"metrics.{metric}"
     if runs.empty or column not in runs or runs[column].isna().all():
@@ -248,7 +252,7 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> in
     rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
     print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), {args.metric} = {best[f'metrics.{args.metric}']:.4f}")
     code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
-    new = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.rerun_of = '{best.run_id}'", order_by=["attributes.start_time DESC"]).iloc[0]
+    new = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'", order_by=["attributes.start_time DESC"]).iloc[0]
     print(f"\n{'metric':<26}{'original':>12}{'rerun':>12}")
     for key in (args.metric, *metrics.FINAL_METRICS):
         a, b = best.get(f"metrics.{key}"), new.get(f"metrics.{key}")

@@ -96,7 +96,7 @@ def load_state(folder: str) -> dict:
     path = Path(folder) / STATE_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
+    except Exception as err:  # missing, truncated, not a checkpoint, or not weights-only: all unusable
         raise RuntimeError(f"cannot read checkpoint {path} ({err}); delete the trial's checkpoint folder to restart it from scratch") from err
 
 

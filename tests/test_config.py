@@ -64,10 +64,11 @@ def test_config_mistakes_exit_2_with_named_error_and_nothing_started(tmp_path, c
     argv = ["--config", str(path), "--experiment", "ok" if sets else "bad", "--tracking-uri", f"sqlite:///{store}", "--storage", str(tmp_path / "ray")]
     for s in sets:
         argv += ["--set", s]
+    ray_before = ray.is_initialized()
     assert sweep.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not store.parent.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no run, no Ray results
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before  # main() started no Ray
 
 
 def test_errors_in_another_experiment_block_the_launch(tmp_path):

@@ -1,0 +1,85 @@
+"""A real sweep on local Ray with synthetic data: MLflow runs, metric names, rerun of the best."""
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from ray.tune.result import AUTO_RESULT_KEYS
+
+import metrics
+import sweep
+import tracking
+from tests.conftest import write_experiments
+
+RAY_BOOKKEEPING = set(AUTO_RESULT_KEYS) | {"trial_id", "done", "experiment_tag", "should_checkpoint", "time_this_iter_s"}
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """A 4-trial sweep (2 models x 2 seeds), run once for the module."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = write_experiments(tmp / "experiments.yaml", {"tiny": {"description": "tiny test sweep", "grid": {"arch": ["plain_cnn", "residual_cnn"], "seed": [1, 2]}}})
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    argv = ["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp / "ray")]
+    assert sweep.main(argv) == 0
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    return {"argv": argv, "uri": uri, "runs": runs, "tmp": tmp}
+
+
+def trial_runs(runs):
+    return runs[runs[f"tags.{tracking.KIND_TAG}"] == "trial"]
+
+
+def test_every_trial_is_a_finished_child_run_with_a_readable_name(finished_sweep):
+    runs = finished_sweep["runs"]
+    trials, parents = trial_runs(runs), runs[runs[f"tags.{tracking.KIND_TAG}"] == "sweep"]
+    assert len(trials) == 4 and len(parents) == 1
+    assert set(trials.status) == {"FINISHED"} and parents.status.iloc[0] == "FINISHED"
+    assert set(trials[f"tags.{tracking.PARENT_TAG}"]) == {parents.run_id.iloc[0]}
+    assert set(trials["tags.mlflow.runName"]) == {"plain_cnn-none-s1", "plain_cnn-none-s2", "residual_cnn-none-s1", "residual_cnn-none-s2"}
+    assert trials["tags.git.commit"].str.len().min() >= 7 and set(trials["tags.version.torch"]) == {torch.__version__.split("+")[0]}
+
+
+def test_mlflow_metric_names_equal_the_tune_results(finished_sweep):
+    from ray import tune
+
+    results = tune.ExperimentAnalysis(str(next((finished_sweep["tmp"] / "ray").iterdir())))
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    for trial in results.trials:
+        reported = set(trial.last_result) - RAY_BOOKKEEPING
+        run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}'")[0]
+        assert set(run.data.metrics) == reported
+        assert run.data.metrics[metrics.TEST_ACC] == pytest.approx(trial.last_result[metrics.TEST_ACC])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metrics.VAL_ACC)] == [1, 2]
+
+
+def test_runs_log_params_and_the_artifacts_analysis_needs(finished_sweep):
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    run_id = trial_runs(finished_sweep["runs"]).run_id.iloc[0]
+    run = client.get_run(run_id)
+    assert run.data.params["optimizer.lr"] == "0.05" and run.data.params["data.name"] == "synthetic"
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {metrics.WEIGHTS_FILE, metrics.PREDICTIONS_FILE, metrics.CONFIG_FILE, "training_curves.png", "confusion_matrix.png"} <= names
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, tracking_uri=finished_sweep["uri"])
+    state = torch.load(f"{folder}/{metrics.WEIGHTS_FILE}", weights_only=True)
+    assert "head.weight" in state
+    preds = np.load(f"{folder}/{metrics.PREDICTIONS_FILE}")
+    assert preds["probs"].shape == (120, 10) and np.allclose(preds["probs"].sum(1), 1, atol=1e-4)
+    assert (preds["probs"].argmax(1) == preds["labels"]).mean() == pytest.approx(run.data.metrics[metrics.TEST_ACC])
+    assert preds["index"].tolist() == list(range(120))
+    config = yaml.safe_load(open(f"{folder}/{metrics.CONFIG_FILE}"))
+    assert config["arch"] in ("plain_cnn", "residual_cnn") and config["data"]["name"] == "synthetic"
+
+
+def test_rerun_best_reproduces_the_best_run_exactly(finished_sweep, capsys):
+    assert sweep.main(finished_sweep["argv"] + ["--rerun-best", "--metric", metrics.TEST_ACC]) == 0
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    trials = trial_runs(runs)
+    best = trials.sort_values(f"metrics.{metrics.TEST_ACC}", ascending=False).iloc[0]
+    rerun = runs[(runs["tags.rerun_of"] == best.run_id) & (runs[f"tags.{tracking.KIND_TAG}"] == "rerun")]
+    assert len(rerun) == 1 and rerun.status.iloc[0] == "FINISHED"
+    for key in (metrics.TEST_ACC, metrics.TEST_LOSS, metrics.TRAIN_LOSS):
+        assert rerun[f"metrics.{key}"].iloc[0] == best[f"metrics.{key}"], key
+    out = capsys.readouterr().out
+    assert "original" in out and "rerun" in out and best.run_id in out
