@@ -85,3 +85,20 @@ def shared_jpeg(tmp_path_factory) -> Path:
     with tarfile.open(SHARED_JPEG_TAR) as tar:
         tar.extractall(out, filter="data")
     return out / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(tmp_path_factory):
+    """A 4-trial sweep (2 models x 2 seeds) on synthetic data, run once for the session."""
+    import mlflow
+
+    import sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = write_experiments(tmp / "experiments.yaml", {"tiny": {"description": "tiny test sweep", "grid": {"arch": ["plain_cnn", "residual_cnn"], "seed": [1, 2]}}})
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    argv = ["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp / "ray")]
+    assert sweep.main(argv) == 0
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    return {"argv": argv, "uri": uri, "runs": runs, "tmp": tmp}

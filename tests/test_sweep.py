@@ -9,22 +9,8 @@ from ray.tune.result import AUTO_RESULT_KEYS
 import metrics
 import sweep
 import tracking
-from tests.conftest import write_experiments
 
 RAY_BOOKKEEPING = set(AUTO_RESULT_KEYS) | {"trial_id", "done", "experiment_tag", "should_checkpoint", "time_this_iter_s"}
-
-
-@pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
-    """A 4-trial sweep (2 models x 2 seeds), run once for the module."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    path = write_experiments(tmp / "experiments.yaml", {"tiny": {"description": "tiny test sweep", "grid": {"arch": ["plain_cnn", "residual_cnn"], "seed": [1, 2]}}})
-    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
-    argv = ["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp / "ray")]
-    assert sweep.main(argv) == 0
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["tiny"])
-    return {"argv": argv, "uri": uri, "runs": runs, "tmp": tmp}
 
 
 def trial_runs(runs):

@@ -1,0 +1,44 @@
+"""``python -m analysis --experiment NAME``: the stress-test report of a finished sweep, from MLflow alone."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import tracking
+from analysis.pipeline import GALLERY_CLASSES, run_analysis
+
+EPILOG = """examples:
+  python -m analysis --experiment quick
+  python -m analysis --experiment cifar10-stress --baseline augment=none --variant augment=cutout --out reports/cutout
+  python -m analysis --experiment cifar10-stress --baseline arch=plain_cnn --variant arch=residual_cnn --layer layer3
+  python -m analysis --experiment quick --tracking-uri http://127.0.0.1:5000
+
+Without --baseline/--variant, runs are compared augment=none vs every other augmentation (or
+plain_cnn vs every other architecture) where the sweep has them. Exit codes: 0 done, 2 bad input."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", required=True, help="MLflow experiment (= YAML experiment name)")
+    p.add_argument("--baseline", help="selector of the baseline runs, KEY=VALUE on a logged param (e.g. augment=none)")
+    p.add_argument("--variant", help="selector of the variant runs, same KEY (e.g. augment=cutout)")
+    p.add_argument("--threshold", type=float, default=0.9, help="confidence above which an error is a failure (default 0.9)")
+    p.add_argument("--out", help="output folder (default reports/<experiment>)")
+    p.add_argument("--layer", help="Grad-CAM target layer by module path (default: the model's registered layer, e.g. layer3 for ResNet-18 at 8x8)")
+    p.add_argument("--classes", default=",".join(GALLERY_CLASSES), help="classes of the Grad-CAM gallery (default: %(default)s)")
+    p.add_argument("--max-cams", type=int, default=200, help="failures per run explained with Grad-CAM (default 200)")
+    p.add_argument("--sweep", default="latest", help="which launch: latest (default), all, or a sweep id")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report back to MLflow")
+    args = p.parse_args(argv)
+    if bool(args.baseline) != bool(args.variant):
+        p.error("--baseline and --variant go together")
+    if not 0 < args.threshold < 1:
+        p.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), args.out or f"reports/{args.experiment}", args.threshold,
+                 args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Grad-CAM with pytorch-grad-cam on a model's registered (or chosen) target layer, batched.
+
+Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+Localization", ICCV 2017. The library's context-manager form releases its hooks on exit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+
+def normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> the float input the model was trained on."""
+    x = torch.from_numpy(images).float() / 255.0
+    return (x - torch.as_tensor(mean).view(1, 3, 1, 1).float()) / torch.as_tensor(std).view(1, 3, 1, 1).float()
+
+
+def compute_cams(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, classes: Sequence[int], batch_size: int = 256) -> np.ndarray:
+    """Grad-CAM maps (N, H, W) in [0, 1] at input resolution, for each input's given class."""
+    device = next(model.parameters()).device
+    out = []
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size].to(device)
+            targets = [ClassifierOutputTarget(int(c)) for c in classes[start : start + batch_size]]
+            out.append(cam(input_tensor=batch, targets=targets))
+    return np.concatenate(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)
+
+
+def layer_resolution(model: nn.Module, layer: nn.Module, size: int = 32) -> tuple[int, int]:
+    """Spatial size of ``layer``'s output for a ``size`` x ``size`` input."""
+    shapes = []
+    handle = layer.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[-2:])))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        handle.remove()
+    return shapes[0]
+
+
+def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """A uint8 CHW image with its CAM as a heat map (HWC uint8)."""
+    return show_cam_on_image(image.transpose(1, 2, 0).astype(np.float32) / 255.0, cam, use_rgb=True)
+
+
+def cam_figure(images: np.ndarray, columns: dict[str, np.ndarray], titles: Sequence[str], path: str | Path, cell: float = 1.9) -> Path:
+    """One row per image: the image, then one overlay per entry of ``columns`` (name -> CAMs)."""
+    rows = len(images)
+    fig = Figure(figsize=(cell * (1 + len(columns)), cell * rows + 0.3))
+    axes = np.atleast_2d(fig.subplots(rows, 1 + len(columns), squeeze=False))
+    for r in range(rows):
+        axes[r, 0].imshow(images[r].transpose(1, 2, 0), interpolation="nearest")
+        axes[r, 0].set_title(titles[r], fontsize=7)
+        for c, (name, cams) in enumerate(columns.items(), start=1):
+            axes[r, c].imshow(overlay(images[r], cams[r]), interpolation="bilinear")
+            if r == 0:
+                axes[r, c].set_title(name, fontsize=8)
+        for ax in axes[r]:
+            ax.axis("off")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, columns: int = 6, cell: float = 1.7) -> Path:
+    """Images in a grid, each with its title (index, truth, prediction, confidence)."""
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(cell * columns, cell * rows + 0.2))
+    axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
+            ax.set_title(titles[i], fontsize=6.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path

@@ -1,0 +1,206 @@
+"""The stress test over a finished sweep, as importable functions (``python -m analysis`` calls ``run_analysis``).
+
+Per run: high-confidence failures, Grad-CAM for the predicted and the true class, measured failure
+categories, confusion matrix. Across runs: curves, metric and per-class bars, a class gallery.
+Between a baseline and a variant: matched pairs, per-class deltas, fixed/still/new failures with
+Grad-CAM before and after, McNemar's test. Everything lands in ``out`` and in one HTML report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+import metrics
+from analysis import compare, failures as fail, gradcam, plots
+from analysis.runs import RunRecord, find_runs, load_model, test_images
+
+GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
+
+
+@dataclass
+class RunAnalysis:
+    """What the analysis learned about one run."""
+
+    run: RunRecord
+    failures: list[dict]
+    categories: list[fail.Category]
+    layer: str
+    resolution: tuple[int, int]
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    """Baseline vs variant over the matched pairs."""
+
+    baseline: str
+    variant: str
+    pairs: list[dict]
+    per_class: list[dict]
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    print(f"[analysis {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class ImageCache:
+    """Test images per data config: runs on the same data share one decode."""
+
+    def __init__(self):
+        self._cache: dict[str, tuple] = {}
+
+    def get(self, run: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = yaml.safe_dump(run.config["data"], sort_keys=True)
+        if key not in self._cache:
+            self._cache[key] = test_images(run)
+        return self._cache[key]
+
+
+def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float, layer: str | None, max_cams: int) -> RunAnalysis:
+    """Failures, Grad-CAM and categories of one run; writes failures.json and its figures."""
+    from model_zoo import gradcam_target
+
+    pred = run.predictions
+    found = fail.mine_failures(pred, threshold)
+    x, mean, std = images.get(run)
+    model = load_model(run)
+    target = gradcam_target(model, run.config["arch"], layer)
+    layer_name = layer or next(n for n, m in model.named_modules() if m is target)
+    explained = found[:max_cams]
+    pos = np.array([f["position"] for f in explained], dtype=int)
+    inputs = gradcam.normalise(x[pos], mean, std)
+    cams_pred = gradcam.compute_cams(model, target, inputs, [f["predicted_label"] for f in explained])
+    cams_true = gradcam.compute_cams(model, target, inputs, [f["true_label"] for f in explained])
+    border = dict(zip((f["test_index"] for f in explained), fail.border_fraction(cams_pred).tolist()))
+    class_colours = np.stack([fail.mean_colours(x[pred.labels == k]).mean(0) for k in range(len(pred.classes))])
+    colours = fail.mean_colours(x[[f["position"] for f in found]]) if found else None
+    categories = fail.categorize(found, len(pred.classes), border, colours, class_colours)
+    for f in explained:
+        f["cam_border_share"] = round(border[f["test_index"]], 4)
+    result = RunAnalysis(run, found, categories, layer_name, gradcam.layer_resolution(model, target))
+    folder = out / "runs" / run.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "failures.json").write_text(json.dumps({
+        "run_id": run.run_id, "run_name": run.name, "threshold": threshold, "count": len(found),
+        "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution),
+        "categories": [asdict(c) for c in categories], "failures": found}, indent=1))
+    titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:24]]
+    if found:
+        result.figures["failures"] = gradcam.image_grid(x[[f["position"] for f in found[:24]]], titles, folder / "failures_grid.png")
+        shown = min(8, len(explained))
+        result.figures["gradcam"] = gradcam.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},
+                                                       titles[:shown], folder / "gradcam_failures.png")
+    confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
+    result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)
+    return result
+
+
+def class_gallery(run: RunRecord, images: ImageCache, out: Path, layer: str | None, wanted: tuple[str, ...], per_class: int = 4) -> Path | None:
+    """Grad-CAM of the predicted class for the first test images of each chosen class."""
+    from model_zoo import gradcam_target
+
+    pred = run.predictions
+    chosen = [c for c in wanted if c in pred.classes] or pred.classes[:5]
+    x, mean, std = images.get(run)
+    pos = np.concatenate([np.flatnonzero(pred.labels == pred.classes.index(c))[:per_class] for c in chosen])
+    model = load_model(run)
+    cams = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layer), gradcam.normalise(x[pos], mean, std), pred.preds[pos])
+    titles = [f"#{pred.index[p]} {pred.classes[pred.labels[p]]} (pred {pred.classes[pred.preds[p]]} {pred.confidence[p]:.2f})" for p in pos]
+    return gradcam.cam_figure(x[pos], {"Grad-CAM: predicted": cams}, titles, out / "class_gallery.png", cell=1.6)
+
+
+def infer_comparisons(runs: list[RunRecord]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Default baseline/variant pairs: augment=none vs each other augmentation, else plain_cnn vs each other arch."""
+    for key, base in (("augment", "none"), ("arch", "plain_cnn")):
+        values = sorted({r.params.get(key) for r in runs} - {None})
+        if base in values and len(values) > 1:
+            return [((key, base), (key, v)) for v in values if v != base]
+    return []
+
+
+def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tuple[str, str], images: ImageCache, out: Path,
+                 threshold: float, layer: str | None) -> Comparison | None:
+    """Matched pairs, transitions, McNemar and per-class deltas; Grad-CAM before/after for the first pair."""
+    from model_zoo import gradcam_target
+
+    pairs = compare.pair_runs(runs, baseline, variant)
+    if not pairs:
+        log(f"no run pairs differ only in {baseline[0]} ({baseline[1]} vs {variant[1]}); comparison skipped")
+        return None
+    label = f"{baseline[0]}={baseline[1]} vs {variant[1]}"
+    rows = []
+    for base, var in pairs:
+        t = compare.transitions(base.predictions, var.predictions, threshold)
+        rows.append({"baseline": base.name, "variant": var.name, "baseline_run_id": base.run_id, "variant_run_id": var.run_id,
+                     "baseline_acc": float(base.predictions.correct.mean()), "variant_acc": float(var.predictions.correct.mean()),
+                     "fixed": t.fixed, "still": t.still, "new": t.new,
+                     "mcnemar": compare.mcnemar(base.predictions.correct, var.predictions.correct)})
+    result = Comparison(f"{baseline[0]}={baseline[1]}", f"{variant[0]}={variant[1]}", rows, compare.per_class_table(pairs))
+    folder = out / "compare" / f"{baseline[1]}_vs_{variant[1]}"
+    base, var = pairs[0]
+    shown = (rows[0]["fixed"][:4] + rows[0]["new"][:4])
+    if shown:
+        x, mean, std = images.get(base)
+        where = {int(i): p for p, i in enumerate(base.predictions.index)}
+        pos = np.array([where[i] for i in shown])
+        columns = {}
+        for tag, run in (("before", base), ("after", var)):
+            model = load_model(run)
+            columns[f"{tag}: {run.name}"] = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layer),
+                                                                  gradcam.normalise(x[pos], mean, std), run.predictions.preds[pos])
+        p = base.predictions
+        titles = [f"#{i} {'fixed' if i in rows[0]['fixed'] else 'new'}: {p.classes[p.labels[q]]}; {p.classes[p.preds[q]]}->{p.classes[var.predictions.preds[q]]}"
+                  for i, q in zip(shown, pos)]
+        result.figures["before_after"] = gradcam.cam_figure(x[pos], columns, titles, folder / "gradcam_before_after.png")
+    deltas = {r["class"]: r["delta"][0] for r in result.per_class if r["class"] != "overall"}
+    result.figures["per_class_delta"] = plots.plot_bars({label: deltas}, folder / "per_class_delta.png", f"per-class accuracy change ({label})", "delta")
+    (folder / "comparison.json").write_text(json.dumps(asdict(result), indent=1, default=str))
+    return result
+
+
+def sweep_figures(analyses: list[RunAnalysis], out: Path) -> dict[str, Path]:
+    """Curves overlaid, metrics bar, per-class accuracy and the worst classes."""
+    runs = [a.run for a in analyses]
+    figures = {"curves": plots.plot_curves({r.name: r.history for r in runs}, out / "training_curves.png")}
+    keys = (metrics.TEST_ACC, metrics.TEST_PRECISION, metrics.TEST_RECALL, metrics.TEST_F1)
+    figures["metrics"] = plots.plot_bars({r.name: {k.split("/")[1]: r.metrics.get(k, np.nan) for k in keys} for r in runs}, out / "metrics.png", "test metrics")
+    per_class = {r.name: {c: float(r.predictions.correct[r.predictions.labels == k].mean()) for k, c in enumerate(r.predictions.classes)} for r in runs}
+    figures["per_class"] = plots.plot_bars(per_class, out / "per_class_accuracy.png", "per-class test accuracy", "accuracy")
+    mean_acc = {c: float(np.mean([v[c] for v in per_class.values()])) for c in next(iter(per_class.values()))}
+    worst = dict(sorted(mean_acc.items(), key=lambda kv: kv[1])[:10])
+    figures["worst"] = plots.plot_bars({"mean over runs": worst}, out / "worst_classes.png", "worst classes (mean accuracy over runs)", "accuracy")
+    return figures
+
+
+def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
+                 layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
+                 log_to_mlflow: bool = True) -> Path:
+    """Analyse every finished run of ``experiment``; return the path of the HTML report."""
+    from analysis import report
+
+    start = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = find_runs(experiment, uri, out / ".artifacts", sweep)
+    log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
+    images = ImageCache()
+    analyses = []
+    for i, run in enumerate(runs, 1):
+        analyses.append(analyse_run(run, images, out, threshold, layer, max_cams))
+        log(f"run {i}/{len(runs)} {run.name}: {len(analyses[-1].failures)} failures above {threshold}")
+    figures = sweep_figures(analyses, out)
+    figures["gallery"] = class_gallery(runs[0], images, out, layer, gallery)
+    wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else infer_comparisons(runs)
+    comparisons = [c for b, v in wanted if (c := compare_runs(runs, b, v, images, out, threshold, layer))]
+    log(f"{len(comparisons)} comparison(s); writing the report")
+    path = report.write_report(out, experiment, uri, threshold, analyses, comparisons, figures)
+    if log_to_mlflow:
+        report.log_analysis_run(uri, experiment, out, threshold)
+    log(f"report {path} ({time.perf_counter() - start:.0f} s)")
+    return path

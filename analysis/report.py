@@ -1,0 +1,152 @@
+"""One self-contained HTML report (images embedded), and the analysis run that keeps it in MLflow."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+import metrics
+import tracking
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}
+h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}.note{color:#555;font-size:.9em}"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def img(path: Path | None, alt: str) -> str:
+    """An <img> with the PNG embedded, so the report opens standalone."""
+    if not path or not Path(path).exists():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}"><figcaption class="note">{esc(alt)}</figcaption></figure>'
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def pm(pair: tuple[float, float], signed: bool = False, scale: float = 100) -> str:
+    """'mean ± std' in percent."""
+    return f"{pair[0] * scale:{'+' if signed else ''}.2f} ± {pair[1] * scale:.2f}"
+
+
+def fmt(value: float, scale: float = 100) -> str:
+    return "-" if value is None or value != value else f"{value * scale:.2f}"
+
+
+def setup_section(experiment: str, uri: str, threshold: float, analyses) -> str:
+    cfg = analyses[0].run.config
+    keys = ("epochs", "batch_size", "optimizer", "schedule", "data")
+    rows = [[k, json.dumps(cfg.get(k), default=str)] for k in keys]
+    varying = sorted({k for a in analyses for k, v in a.run.params.items() if any(b.run.params.get(k) != v for b in analyses)} - {"data.root"})
+    return (f"<h2>Setup</h2><p>Experiment <b>{esc(experiment)}</b>, {len(analyses)} finished runs from <code>{esc(uri)}</code>. "
+            f"A failure is a misclassified test image with confidence &gt; {threshold}. Settings that vary across runs: "
+            f"{esc(', '.join(varying) or 'none')}. Shared settings of the first run:</p>" + table(["setting", "value"], rows))
+
+
+def results_section(analyses, figures: dict) -> str:
+    rows = []
+    for a in sorted(analyses, key=lambda a: -a.run.metrics.get(metrics.TEST_ACC, 0)):
+        m = a.run.metrics
+        rows.append([a.run.name, fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)), len(a.failures),
+                     f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", a.run.run_id[:8]])
+    return ("<h2>Results</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "failures", "Grad-CAM layer", "run id"], rows)
+            + img(figures.get("metrics"), "test metrics per run") + img(figures.get("curves"), "training (solid) and validation (dashed) curves")
+            + img(figures.get("per_class"), "per-class test accuracy") + img(figures.get("worst"), "worst classes"))
+
+
+def failures_section(analyses, figures: dict) -> str:
+    parts = ["<h2>High-confidence failures and Grad-CAM</h2>"]
+    for a in analyses:
+        cats = [[c.name, c.evidence, ", ".join(map(str, c.test_indices[:12])) + (" ..." if len(c.test_indices) > 12 else "")] for c in a.categories]
+        parts.append(f"<h3>{esc(a.run.name)}: {len(a.failures)} failures</h3>")
+        parts.append(table(["category", "evidence", "test indices"], cats) if cats else "<p class='note'>No failure above the threshold.</p>")
+        parts.append(img(a.figures.get("failures"), "most confident failures: #index truth->prediction confidence"))
+        parts.append(img(a.figures.get("gradcam"), f"Grad-CAM on {a.layer} ({a.resolution[0]}x{a.resolution[1]}) for the predicted and the true class"))
+        parts.append(img(a.figures.get("confusion"), f"normalised confusion matrix, {a.run.name}"))
+    parts.append(img(figures.get("gallery"), "class gallery: Grad-CAM of the predicted class for the first test images of chosen classes"))
+    return "".join(parts)
+
+
+def comparison_section(comparisons) -> str:
+    parts = []
+    for c in comparisons:
+        rows = [[r["class"], pm(r["baseline"]), pm(r["variant"]), pm(r["delta"], signed=True), f"[{r['delta_ci95'][0] * 100:+.2f}, {r['delta_ci95'][1] * 100:+.2f}]"]
+                for r in c.per_class]
+        pairs = [[p["baseline"], p["variant"], fmt(p["baseline_acc"]), fmt(p["variant_acc"]), len(p["fixed"]), len(p["still"]), len(p["new"]),
+                  f"{p['mcnemar']['b']}/{p['mcnemar']['c']}", f"{p['mcnemar']['statistic']:.2f}", f"{p['mcnemar']['p_value']:.3g}"] for p in c.pairs]
+        parts.append(f"<h2>Comparison: {esc(c.baseline)} vs {esc(c.variant)}</h2><p>{len(c.pairs)} matched pairs (identical settings but {esc(c.baseline.split('=')[0])}).</p>"
+                     + table(["baseline", "variant", "base acc %", "variant acc %", "fixed", "still failing", "new", "McNemar b/c", "chi2", "p"], pairs)
+                     + "<p class='note'>Accuracy in %, mean ± std over pairs, with the 95% t-interval of the change.</p>"
+                     + table(["class", "baseline", "variant", "change", "95% interval"], rows)
+                     + img(c.figures.get("per_class_delta"), "per-class accuracy change")
+                     + img(c.figures.get("before_after"), "Grad-CAM before and after on failures the change fixed and introduced"))
+    return "".join(parts)
+
+
+def conclusions(analyses, comparisons) -> list[str]:
+    """Sentences computed from the numbers above, nothing else."""
+    out = []
+    best = max(analyses, key=lambda a: a.run.metrics.get(metrics.TEST_ACC, 0))
+    out.append(f"Best run: {best.run.name} with {fmt(best.run.metrics.get(metrics.TEST_ACC))}% test accuracy and {len(best.failures)} high-confidence failures.")
+    pairs = Counter((f["true_class"], f["predicted_class"]) for a in analyses for f in a.failures)
+    total = sum(pairs.values())
+    if total:
+        (t, p), n = pairs.most_common(1)[0]
+        out.append(f"Most frequent confident confusion across runs: {t} -> {p}, {n} of {total} failures ({n / total:.0%}).")
+        shares = [f["cam_border_share"] for a in analyses for f in a.failures if "cam_border_share" in f]
+        if shares:
+            out.append(f"Grad-CAM of the explained failures puts on average {np.mean(shares):.0%} of its mass outside the central 16x16 square "
+                       f"(a uniform map: 75%); {np.mean(np.array(shares) > 0.75):.0%} of them lean on the border more than uniform.")
+    for c in comparisons:
+        overall = next(r for r in c.per_class if r["class"] == "overall")
+        low, high = overall["delta_ci95"]
+        verdict = ("an improvement" if low > 0 else "a degradation" if high < 0 else "not distinguishable from seed/architecture noise") if len(c.pairs) > 1 else "a single pair, so no interval"
+        fixed, new = sum(len(p["fixed"]) for p in c.pairs), sum(len(p["new"]) for p in c.pairs)
+        significant = sum(p["mcnemar"]["p_value"] < 0.05 for p in c.pairs)
+        out.append(f"{c.variant} vs {c.baseline}: accuracy change {overall['delta'][0] * 100:+.2f} ± {overall['delta'][1] * 100:.2f} points over {len(c.pairs)} pairs "
+                   f"(95% interval [{low * 100:+.2f}, {high * 100:+.2f}]): {verdict}. It fixed {fixed} confident failures and introduced {new}; "
+                   f"McNemar p < 0.05 in {significant} of {len(c.pairs)} pairs.")
+    return out
+
+
+def write_report(out: Path, experiment: str, uri: str, threshold: float, analyses, comparisons, figures: dict) -> Path:
+    """``out/report.html`` plus ``out/summary.json``."""
+    lines = conclusions(analyses, comparisons)
+    body = (f"<h1>Stress test: {esc(experiment)}</h1>" + setup_section(experiment, uri, threshold, analyses) + results_section(analyses, figures)
+            + failures_section(analyses, figures) + comparison_section(comparisons)
+            + "<h2>Conclusions</h2><ul>" + "".join(f"<li>{esc(s)}</li>" for s in lines) + "</ul>")
+    path = out / "report.html"
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>stresslab: {esc(experiment)}</title><style>{STYLE}</style></head><body>{body}</body></html>")
+    summary = {"experiment": experiment, "threshold": threshold, "conclusions": lines,
+               "runs": [{"run_id": a.run.run_id, "name": a.run.name, "failures": len(a.failures), "test_acc": a.run.metrics.get(metrics.TEST_ACC)} for a in analyses]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return path
+
+
+def log_analysis_run(uri: str, experiment: str, out: Path, threshold: float) -> str:
+    """Log the output folder as artifacts of an MLflow run of kind ``analysis`` in the same experiment."""
+    mlflow_client = tracking.client(uri)
+    exp_id = tracking.ensure_experiment(mlflow_client, experiment, "", uri)
+    run = mlflow_client.create_run(exp_id, run_name=f"analysis-{out.name}", tags={tracking.KIND_TAG: "analysis", **tracking.git_state()})
+    mlflow_client.log_param(run.info.run_id, "threshold", threshold)
+    for item in sorted(out.iterdir()):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir():
+            mlflow_client.log_artifacts(run.info.run_id, str(item), item.name)
+        else:
+            mlflow_client.log_artifact(run.info.run_id, str(item))
+    mlflow_client.set_terminated(run.info.run_id)
+    return run.info.run_id

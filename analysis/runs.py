@@ -1,0 +1,134 @@
+"""Finished runs from MLflow: search, artifact download, predictions, weights and test images.
+
+Works the same against the local SQLite store and a tracking server (``mlflow server``): only
+``search_runs`` and artifact download are used. Nothing is re-trained.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+import metrics
+import tracking
+
+
+@dataclass
+class Predictions:
+    """A run's test-set predictions, in the order of ``index`` (official test indices)."""
+
+    probs: np.ndarray  # (N, C) softmax
+    labels: np.ndarray
+    index: np.ndarray
+    classes: list[str]
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.preds == self.labels
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Predictions":
+        with np.load(path) as f:
+            return cls(f["probs"].astype(np.float64), f["labels"], f["index"], [str(c) for c in f["classes"]])
+
+
+@dataclass
+class RunRecord:
+    """One finished trial: identity, settings, final metrics, curves and its downloaded artifacts."""
+
+    run_id: str
+    name: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    folder: Path
+    uri: str
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @cached_property
+    def config(self) -> dict:
+        return yaml.safe_load((self.folder / metrics.CONFIG_FILE).read_text())
+
+    @cached_property
+    def predictions(self) -> Predictions:
+        return Predictions.load(self.folder / metrics.PREDICTIONS_FILE)
+
+    def weights_path(self) -> Path:
+        return download(self.uri, self.run_id, metrics.WEIGHTS_FILE, self.folder.parent)
+
+
+def download(uri: str, run_id: str, artifact: str, cache: Path) -> Path:
+    """Download one artifact of a run into ``cache/<run_id>/`` (once)."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file drowns the log
+    target = cache / run_id
+    if not (target / artifact).exists():
+        target.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(target), tracking_uri=uri)
+    return target / artifact
+
+
+def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "latest") -> list[RunRecord]:
+    """Finished trial runs of ``experiment`` (of its latest launch unless ``sweep`` is 'all' or an id)."""
+    import mlflow
+
+    mlflow_client = mlflow.MlflowClient(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in mlflow_client.search_experiments()]
+        raise SystemExit(f"error: no MLflow experiment {experiment!r} at {uri}; known: {', '.join(names) or 'none'}. Run the sweep first.")
+    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'",
+                                     order_by=["attributes.start_time ASC"], max_results=5000)
+    if sweep and sweep != "all":
+        sweeps = [r.data.tags.get(tracking.SWEEP_TAG) for r in runs]
+        wanted = sorted(s for s in sweeps if s)[-1] if sweep == "latest" and any(sweeps) else sweep
+        runs = [r for r in runs if r.data.tags.get(tracking.SWEEP_TAG) == wanted]
+    if not runs:
+        raise SystemExit(f"error: experiment {experiment!r} has no finished trial runs (sweep {sweep}) at {uri}")
+    records = []
+    for run in runs:
+        for artifact in (metrics.CONFIG_FILE, metrics.PREDICTIONS_FILE):
+            download(uri, run.info.run_id, artifact, cache)
+        history = {k: [(m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, k)] for k in metrics.EPOCH_METRICS}
+        records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
+                                 run.data.metrics, cache / run.info.run_id, uri, history))
+    return records
+
+
+def load_model(record: RunRecord, device: str = "cpu"):
+    """The run's final model, rebuilt from its config and weights (weights-only unpickling)."""
+    import torch
+
+    from model_zoo import create_model
+
+    cfg = record.config
+    model = create_model(cfg["arch"], num_classes=len(record.predictions.classes), **cfg.get("model", {}))
+    model.load_state_dict(torch.load(record.weights_path(), map_location=device, weights_only=True))
+    return model.to(device).eval()
+
+
+def test_images(record: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 test images in prediction order, train mean, train std) from the run's data config (decode cache)."""
+    from data_zoo import load_bundle
+
+    data = dict(record.config["data"])
+    try:
+        bundle = load_bundle(data)
+    except (FileNotFoundError, OSError) as err:
+        raise SystemExit(f"error: the test images of run {record.name} are not readable here ({err}); "
+                         f"point data.root at a copy: {data.get('root')}") from err
+    position = {int(i): p for p, i in enumerate(bundle.test.index.numpy())}
+    order = np.array([position[int(i)] for i in record.predictions.index])
+    return bundle.test.x.numpy()[order], bundle.mean.numpy(), bundle.std.numpy()
