@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,9 +60,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: invalid configuration ({args.config}):\n  " + "\n  ".join(err.problems), file=sys.stderr)
         return 2
-    if args.rerun_best:
-        return rerun_best(name, cfg, args)
-    return launch(name, cfg, args)
+    try:
+        check_writable(args)
+        if args.rerun_best:
+            return rerun_best(name, cfg, args)
+        return launch(name, cfg, args)
+    except PermissionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def check_writable(args: argparse.Namespace) -> None:
+    """Ray's results folder and a local MLflow store must be writable before anything starts."""
+    folders = [Path(args.storage)]
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        folders.append(Path(uri[len("sqlite:///"):]).parent)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(f"cannot write to {folder} ({err.strerror}); choose a writable folder with "
+                                  f"{'--storage' if folder == folders[0] else '--tracking-uri'}") from err
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -185,6 +208,7 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
         sweep = sweep_context(name, cfg, args, kind, extra_tags)
         print(f"sweep {sweep['sweep_id']}: MLflow experiment {name!r} at {sweep['tracking_uri']}")
         tuner = build_tuner(cfg, sweep, args.storage)
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))  # Tune saves its state on SIGINT
     results = tuner.fit()
     return finish_launch(name, cfg, results, sweep)
 
@@ -198,23 +222,38 @@ def latest_launch(storage: str, name: str) -> str:
 
 
 def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict | None) -> int:
-    """Print the trials sorted by the metric, close the parent run, say how to open the UI."""
+    """Print the trials sorted by the metric, close the parent run, say how to open the UI or resume."""
     rows = []
     for result in results:
         m = result.metrics or {}
-        rows.append((m.get("trial_id", "?"), result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), result.error))
-    rows.sort(key=lambda r: (r[2] is None, -(r[2] or 0) if cfg.mode == "max" else (r[2] or 0)))
+        status = f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else "done" if m.get("done") else "unfinished"
+        rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
+    rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))
     print(f"\n{'trial':<40}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
-    for _, folder, value, test_acc, epochs, error in rows:
+    for folder, value, test_acc, epochs, status in rows:
         fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
-        print(f"{str(folder)[:39]:<40}{fmt(value):>10}{fmt(test_acc):>10}{str(epochs or '-'):>8}  {'ERROR: ' + str(error).splitlines()[0][:60] if error else 'done'}")
-    failed = sum(1 for r in rows if r[5])
+        print(f"{str(folder)[:39]:<40}{fmt(value):>10}{fmt(test_acc):>10}{str(epochs or '-'):>8}  {status}")
+    failed = sum(r[4].startswith("ERROR") for r in rows)
+    unfinished = sum(r[4] == "unfinished" for r in rows)
     sweep = sweep or next((r.config["sweep"] for r in results if r.config), None)
     uri = sweep["tracking_uri"] if sweep else tracking.resolve_tracking_uri()
     if sweep:
-        tracking.client(uri).set_terminated(sweep["parent_run_id"], status="FAILED" if failed else "FINISHED")
+        close_runs(uri, sweep, "KILLED" if unfinished else "FAILED" if failed else "FINISHED")
+    if unfinished:
+        print(f"\ninterrupted: {unfinished} trials unfinished; their state is saved. Continue with:\n  python sweep.py --experiment {name} --resume")
+        return 1
     print(f"\n{len(rows) - failed}/{len(rows)} trials finished. Compare them in the MLflow UI:\n  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return 1 if failed else 0
+
+
+def close_runs(uri: str, sweep: dict, parent_status: str) -> None:
+    """End the parent run; trial runs a killed worker left RUNNING are marked KILLED (a resume reopens them)."""
+    mlflow_client = tracking.client(uri)
+    left = mlflow_client.search_runs([sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}' and attributes.status = 'RUNNING'")
+    for run in left:
+        if run.info.run_id != sweep["parent_run_id"]:
+            tracking.retry(lambda: mlflow_client.set_terminated(run.info.run_id, status="KILLED"))
+    tracking.retry(lambda: mlflow_client.set_terminated(sweep["parent_run_id"], status=parent_status))
 
 
 # --- rerunning the best trial -----------------------------------------------------------------

@@ -148,8 +148,10 @@ def run_name(trial: dict, overrides: dict[str, Any]) -> str:
     parts = [str(trial.get("arch")), augment, f"s{trial.get('seed')}"]
     for key, value in overrides.items():
         if key not in ("arch", "augment", "seed"):
-            shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-            parts.append(f"{key.split('.')[-1]}{shown}")
+            if isinstance(value, str):
+                parts.append(value)  # data.name=imagefolder -> "imagefolder"
+            else:
+                parts.append(f"{key.split('.')[-1]}{value:.3g}" if isinstance(value, float) else f"{key.split('.')[-1]}{value}")
     return "-".join(parts)
 
 
@@ -161,20 +163,38 @@ class TrialRun:
 
     @classmethod
     def open(cls, sweep: dict, trial: dict, name: str, trial_id: str, resume_run_id: str | None) -> "TrialRun":
-        """Continue ``resume_run_id`` (from a checkpoint) or start a child run of the sweep's parent run."""
+        """Continue this trial's run (after a restart or resume) or start a child run of the sweep's parent run.
+
+        A restarted trial finds its run by checkpoint or by (sweep id, trial id), so it never gets a
+        second run; steps it had already logged are not logged again.
+        """
         if not sweep:
             return cls()
         mlflow_client = client(sweep["tracking_uri"])
-        if resume_run_id:
-            history = mlflow_client.get_metric_history(resume_run_id, "epoch")
-            retry(lambda: mlflow_client.update_run(resume_run_id, status="RUNNING"))
-            return cls(mlflow_client, resume_run_id, max((int(m.step) for m in history), default=0))
-        tags = {**sweep.get("tags", {}), SWEEP_TAG: sweep["sweep_id"], TRIAL_TAG: trial_id, KIND_TAG: sweep.get("kind", "trial")}
+        run_id = resume_run_id or cls._existing(mlflow_client, sweep, trial_id)
+        if run_id:
+            history = mlflow_client.get_metric_history(run_id, "epoch")
+            retry(lambda: mlflow_client.update_run(run_id, status="RUNNING"))
+            found = cls(mlflow_client, run_id, max((int(m.step) for m in history), default=0))
+            found.set_tags({"pid": os.getpid(), "host": socket.gethostname()})
+            return found
+        tags = {**sweep.get("tags", {}), SWEEP_TAG: sweep["sweep_id"], TRIAL_TAG: trial_id, KIND_TAG: sweep.get("kind", "trial"),
+                "pid": str(os.getpid()), "host": socket.gethostname()}
         if sweep.get("parent_run_id"):
             tags[PARENT_TAG] = sweep["parent_run_id"]
         run = retry(lambda: mlflow_client.create_run(sweep["experiment_id"], tags=tags, run_name=name))
         log_params(mlflow_client, run.info.run_id, trial)
         return cls(mlflow_client, run.info.run_id)
+
+    @staticmethod
+    def _existing(mlflow_client, sweep: dict, trial_id: str) -> str | None:
+        runs = retry(lambda: mlflow_client.search_runs(
+            [sweep["experiment_id"]], f"tags.`{SWEEP_TAG}` = '{sweep['sweep_id']}' and tags.`{TRIAL_TAG}` = '{trial_id}'"))
+        return runs[0].info.run_id if runs else None
+
+    def tag(self, key: str) -> str | None:
+        """A tag of this run (None when untracked or unset)."""
+        return self.client.get_run(self.run_id).data.tags.get(key) if self.client else None
 
     def log_epoch(self, values: dict[str, float], step: int) -> None:
         """Per-epoch metrics at ``step``; steps already logged before a restart are not logged twice."""

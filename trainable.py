@@ -80,8 +80,16 @@ def train(config: dict) -> None:
             torch.save(checkpoint_state, os.path.join(folder, STATE_FILE))
             tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
 
+    if run.tag("diverged"):  # a restart would only diverge again at the same epoch
+        error = DivergedError(f"not retried, it diverged before: {run.tag('diverged')}")
+        run.finish("FAILED", error)
+        raise error
     try:
         fit(cfg, run, report, state, threads=sweep.get("threads"))
+    except DivergedError as err:
+        run.set_tags({"diverged": str(err)})
+        run.finish("FAILED", err)
+        raise
     except Exception as err:
         run.finish("FAILED", err)
         raise

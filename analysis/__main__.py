@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import tracking
 from analysis.pipeline import GALLERY_CLASSES, run_analysis
@@ -35,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--baseline and --variant go together")
     if not 0 < args.threshold < 1:
         p.error(f"--threshold must be in (0, 1), got {args.threshold}")
-    run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), args.out or f"reports/{args.experiment}", args.threshold,
+    out = args.out or f"reports/{args.experiment}"
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / ".write-test").write_text("")
+        (Path(out) / ".write-test").unlink()
+    except OSError as err:
+        print(f"error: cannot write the report to {out} ({err.strerror}); choose a writable folder with --out", file=sys.stderr)
+        return 2
+    run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
                  args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log)
     return 0
 

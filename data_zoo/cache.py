@@ -55,7 +55,11 @@ def load_images(name: str, root: str | None = None, cache_dir: str | Path | None
     root = str(Path(root).expanduser().resolve()) if root else None
     if name.startswith("cifar") and options.get("download") and root:
         source.decode(root=root, **options)  # make sure the files exist before fingerprinting them
-    path = cache / f"{name}-{cache_key(name, root, **options)}.npz"
+    try:
+        key = cache_key(name, root, **options)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; {source.hint}") from err
+    path = cache / f"{name}-{key}.npz"
     with FileLock(str(path) + ".lock"):  # one trial decodes, the others wait and read
         if not path.exists():
             _write(path, source.decode(root=root, **options))

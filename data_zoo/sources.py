@@ -32,16 +32,17 @@ class Source:
     name: str
     decode: Callable[..., ImageSet]
     fingerprint: Callable[..., str]
+    hint: str = ""  # how to fix a missing data set
 
 
 _SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str, fingerprint: Callable[..., str]) -> Callable:
+def register_source(name: str, fingerprint: Callable[..., str], hint: str = "") -> Callable:
     """Decorator: register a decode function under ``name``."""
 
     def wrap(decode: Callable[..., ImageSet]) -> Callable[..., ImageSet]:
-        _SOURCES[name] = Source(name, decode, fingerprint)
+        _SOURCES[name] = Source(name, decode, fingerprint, hint)
         return decode
 
     return wrap
@@ -90,7 +91,7 @@ def _cifar(cls_name: str, root: str, download: bool) -> ImageSet:
         try:
             train = dataset_cls(root, train=True, download=download)
             test = dataset_cls(root, train=False, download=download)
-        except RuntimeError as err:
+        except Exception as err:  # torchvision: RuntimeError when missing, URLError when the download fails
             raise FileNotFoundError(
                 f"{cls_name} not found under {root} ({err}); set data.download=true on a machine with internet, "
                 f"or point data.root at a folder holding the extracted batches"
@@ -106,13 +107,17 @@ def _cifar_fingerprint(folder: str) -> Callable[..., str]:
     return lambda root, **_: files_fingerprint(Path(root) / folder)
 
 
-@register_source("cifar10", fingerprint=_cifar_fingerprint("cifar-10-batches-py"))
+CIFAR_HINT = ("set data.download=true on a machine with internet, or point data.root at the folder holding {}/; "
+              "offline, the JPEG copy loads with data.name=imagefolder")
+
+
+@register_source("cifar10", fingerprint=_cifar_fingerprint("cifar-10-batches-py"), hint=CIFAR_HINT.format("cifar-10-batches-py"))
 def cifar10(root: str, download: bool = False, **_) -> ImageSet:
     """CIFAR-10 through ``torchvision.datasets.CIFAR10``."""
     return _cifar("CIFAR10", root, download)
 
 
-@register_source("cifar100", fingerprint=_cifar_fingerprint("cifar-100-python"))
+@register_source("cifar100", fingerprint=_cifar_fingerprint("cifar-100-python"), hint=CIFAR_HINT.format("cifar-100-python"))
 def cifar100(root: str, download: bool = False, **_) -> ImageSet:
     """CIFAR-100 (fine labels) through ``torchvision.datasets.CIFAR100``."""
     return _cifar("CIFAR100", root, download)
@@ -136,7 +141,8 @@ def _decode_folder(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.
     return images, np.array([label for label, _ in files], dtype=np.int64)
 
 
-@register_source("imagefolder", fingerprint=lambda root, **_: files_fingerprint(Path(root), depth=2))
+@register_source("imagefolder", fingerprint=lambda root, **_: files_fingerprint(Path(root), depth=2),
+                 hint="point data.root at a folder with train/<class>/* and test/<class>/* images")
 def imagefolder(root: str, **_) -> ImageSet:
     """``root/train/<class>/*`` and ``root/test/<class>/*``; classes sorted, files sorted by name."""
     base = Path(root)

@@ -102,3 +102,14 @@ def finished_sweep(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["tiny"])
     return {"argv": argv, "uri": uri, "runs": runs, "tmp": tmp}
+
+
+FAULT_SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per injected fault: what was done, how many trials it hit, how many results were lost."""
+    if FAULT_SUMMARY:
+        terminalreporter.section("fault injection summary")
+        for line in FAULT_SUMMARY:
+            terminalreporter.write_line(line)

@@ -1,0 +1,159 @@
+"""Fault injection on small synthetic sweeps: nothing finished is lost, nothing is left RUNNING.
+
+Each test adds a summary line (fault, trials affected, results lost) printed at the end of the run.
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import pytest
+
+import metrics
+import sweep
+import tracking
+from config import TrialConfig
+from schema import build
+from tests.conftest import FAULT_SUMMARY, ROOT, TINY, write_experiments
+from tracking import TrialRun
+from trainable import fit
+
+
+def runs_of(uri: str, experiment: str, kind: str = "trial"):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], f"tags.`{tracking.KIND_TAG}` = '{kind}'") if exp else []
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def kill_when_training(uri: str, experiment: str, name: str, epoch: int, killed: list) -> None:
+    """Watch MLflow; once run ``name`` has logged ``epoch``, SIGKILL its worker process (mid-epoch)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        try:
+            client, runs = runs_of(uri, experiment)
+            for run in runs:
+                if run.info.run_name == name and run.data.metrics.get(metrics.EPOCH, 0) >= epoch:
+                    pid = int(run.data.tags["pid"])
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+        except Exception:  # the store may be busy or not created yet
+            pass
+        time.sleep(0.2)
+
+
+def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
+    grid = {"data.name": ["synthetic", "imagefolder"], "optimizer.lr": [0.05, 1.0e6]}
+    path = write_experiments(tmp_path / "e.yaml", {"faults": {"epochs": 4, "max_failures": 1, "schedule": {"name": "constant"}, "grid": grid}},
+                             defaults={"data": {**TINY["data"], "root": str(tmp_path / "missing")}})
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    killed: list = []
+    watcher = threading.Thread(target=kill_when_training, args=(uri, "faults", "plain_cnn-none-s42-synthetic-lr0.05", 2, killed), daemon=True)
+    watcher.start()
+    code = sweep.main(["--config", str(path), "--experiment", "faults", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
+    watcher.join(timeout=5)
+    assert code == 1  # some trials failed; the sweep itself ran to the end
+    client, runs = runs_of(uri, "faults")
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    assert all(len(v) == 1 for v in by_name.values()), "a restarted trial must keep its one MLflow run"
+    assert {r.info.status for r in runs} == {"FINISHED", "FAILED"}
+
+    # SIGKILL mid-training: restarted from its checkpoint, same run, same final metrics as an uninterrupted run.
+    (survivor,) = by_name["plain_cnn-none-s42-synthetic-lr0.05"]
+    assert killed and survivor.info.status == "FINISHED" and survivor.data.tags["pid"] != str(killed[0])
+    assert steps(client, survivor.info.run_id, metrics.TRAIN_LOSS) == [1, 2, 3, 4]  # no duplicate steps
+    problems: list = []
+    cfg = build(TrialConfig, {k: v for k, v in TINY.items() if k not in ("resources", "max_failures")} | {"epochs": 4, "schedule": {"name": "constant"}}, "", problems)
+    expected = fit(cfg, TrialRun(), lambda values, state: None, threads=1)
+    for key in (metrics.TEST_ACC, metrics.TEST_LOSS, metrics.TRAIN_LOSS):
+        assert survivor.data.metrics[key] == expected[key], key
+    FAULT_SUMMARY.append(f"worker SIGKILL mid-epoch   trials affected: 1  restarted from checkpoint: yes  results lost: 0")
+
+    # NaN loss: stops at once, FAILED, not retried into the same divergence.
+    (diverged,) = by_name["plain_cnn-none-s42-synthetic-lr1e+06"]
+    assert diverged.info.status == "FAILED" and "training loss is" in diverged.data.tags["error"] and "diverged" in diverged.data.tags
+    assert steps(client, diverged.info.run_id, metrics.TRAIN_LOSS) == []
+    FAULT_SUMMARY.append("loss NaN/inf               trials affected: 1  stopped at epoch 1, FAILED  results lost: 0")
+
+    # A trial that raises: FAILED with its error kept, the others unaffected.
+    raised = by_name["plain_cnn-none-s42-imagefolder-lr0.05"] + by_name["plain_cnn-none-s42-imagefolder-lr1e+06"]
+    for run in raised:
+        assert run.info.status == "FAILED" and f"no data files under {tmp_path / 'missing'}" in run.data.tags["error"]
+    FAULT_SUMMARY.append(f"trial raises               trials affected: {len(raised)}  marked FAILED with error  results lost: 0")
+    parent = runs_of(uri, "faults", "sweep")[1][0]
+    assert parent.info.status == "FAILED"
+
+
+def sweep_cmd(path, uri, storage, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "sweep.py"), "--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(storage), *extra]
+
+
+def test_driver_sigterm_then_resume_loses_and_duplicates_nothing(tmp_path):
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 3, "data": {**TINY["data"], "n_train": 1200}, "grid": {"seed": [1, 2, 3, 4]}}})
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    driver = subprocess.Popen(sweep_cmd(path, uri, tmp_path / "ray"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finished_before = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        try:
+            client, runs = runs_of(uri, "tiny")
+            finished_before = {r.info.run_id: r.info.end_time for r in runs if r.info.status == "FINISHED"}
+            if finished_before and any(r.info.status == "RUNNING" for r in runs):
+                break
+        except Exception:
+            pass
+        time.sleep(0.3)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=180)
+    assert driver.returncode == 1 and "interrupted" in out, out[-3000:]
+    client, runs = runs_of(uri, "tiny")
+    assert not any(r.info.status == "RUNNING" for r in runs)
+    resumed = subprocess.run(sweep_cmd(path, uri, tmp_path / "ray", "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, runs = runs_of(uri, "tiny")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}  # none duplicated, none left RUNNING
+    for run in runs:
+        assert steps(client, run.info.run_id, metrics.TRAIN_LOSS) == [1, 2, 3]
+        if run.info.run_id in finished_before:
+            assert run.info.end_time == finished_before[run.info.run_id]  # not re-run
+    assert runs_of(uri, "tiny", "sweep")[1][0].info.status == "FINISHED"
+    FAULT_SUMMARY.append(f"driver SIGTERM + --resume  trials affected: {4 - len(finished_before)}  finished kept: {len(finished_before)}  results lost: 0")
+
+
+def test_sixteen_concurrent_trials_log_every_metric(tmp_path):
+    path = write_experiments(tmp_path / "e.yaml", {"many": {"epochs": 2, "resources": {"cpu": 0.125}, "model": {"widths": [4, 8, 8]},
+                                                           "data": {"name": "synthetic", "n_train": 96, "n_test": 32, "val_fraction": 0.25},
+                                                           "grid": {"seed": list(range(16))}}})
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert sweep.main(["--config", str(path), "--experiment", "many", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    client, runs = runs_of(uri, "many")
+    assert len(runs) == 16
+    missing = 0
+    for run in runs:
+        for key in metrics.EPOCH_METRICS:
+            missing += steps(client, run.info.run_id, key) != [1, 2]
+        missing += sum(key not in run.data.metrics for key in metrics.FINAL_METRICS)
+    assert missing == 0
+    FAULT_SUMMARY.append(f"16 concurrent trials       trials affected: 16  metrics counted: {16 * (2 * len(metrics.EPOCH_METRICS) + len(metrics.FINAL_METRICS))}  results lost: {missing}")
+
+
+def test_unwritable_output_folders_are_refused_with_the_path(tmp_path, capsys):
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = sweep.main(["--config", str(path), "--experiment", "tiny", "--storage", str(blocker / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/m/mlflow.db"])
+    assert code == 2 and f"cannot write to {blocker / 'ray'}" in capsys.readouterr().err
+    from analysis.__main__ import main as analysis_main
+
+    assert analysis_main(["--experiment", "tiny", "--out", str(blocker / "out")]) == 2
+    assert f"cannot write the report to {blocker / 'out'}" in capsys.readouterr().err
+    FAULT_SUMMARY.append("unwritable output folder   trials affected: 0  refused before start, path named  results lost: 0")
