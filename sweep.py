@@ -27,6 +27,7 @@ EPILOG = """examples:
   python sweep.py --experiment cifar10-stress --dry-run
   python sweep.py --experiment quick --resume
   python sweep.py --experiment quick --rerun-best --metric test/acc
+  python sweep.py --experiment quick --register-best quick-best
   python sweep.py --experiment cifar10-stress --address auto --tracking-uri http://127.0.0.1:5000
 
 exit codes: 0 all trials finished, 1 some trial failed, 2 bad input (nothing started)"""
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="validate and print the trial table; start nothing")
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted launch of this experiment")
     p.add_argument("--rerun-best", action="store_true", help="rerun the best finished trial of the experiment with exactly its config")
-    p.add_argument("--metric", default=metrics.TEST_ACC, help=f"metric that picks the best run for --rerun-best (default: {metrics.TEST_ACC})")
+    p.add_argument("--register-best", metavar="NAME", help="register the best finished run's model in the MLflow Model Registry as NAME")
+    p.add_argument("--metric", default=metrics.TEST_ACC, help=f"metric that picks the best run for --rerun-best/--register-best (default: {metrics.TEST_ACC})")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://head:10001)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
     p.add_argument("--storage", default=str(RESULTS_DIR), help=f"Ray results folder; shared storage on a cluster (default: {RESULTS_DIR})")
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_writable(args)
+        if args.register_best:
+            return register_best(name, cfg, args)
         if args.rerun_best:
             return rerun_best(name, cfg, args)
         return launch(name, cfg, args)
@@ -272,6 +276,28 @@ def best_run(uri: str, name: str, metric: str, mode: str):
     return runs[runs[column].notna()].iloc[0]
 
 
+def metric_mode(cfg: ExperimentConfig, metric: str) -> str:
+    """Whether larger is better for ``metric``."""
+    return cfg.mode if metric == cfg.metric else ("min" if "loss" in metric or "errors" in metric else "max")
+
+
+def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """Register the best run's logged model, tagged with the run, the metric and the sweep it came from."""
+    import mlflow
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    best = best_run(uri, name, args.metric, metric_mode(cfg, args.metric))
+    mlflow.set_tracking_uri(uri)
+    value = float(best[f"metrics.{args.metric}"])
+    tags = {"run_id": best.run_id, "metric": args.metric, "metric_value": repr(value), "experiment": name,
+            "sweep_id": best.get(f"tags.{tracking.SWEEP_TAG}"), "run_name": best["tags.mlflow.runName"]}
+    version = mlflow.register_model(f"runs:/{best.run_id}/model", args.register_best, tags=tags)
+    mlflow.MlflowClient(uri).update_model_version(args.register_best, version.version,
+                                                  description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}: {args.metric} = {value:.4f}")
+    print(f"registered {args.register_best} version {version.version}: run {best.run_id} ({best['tags.mlflow.runName']}), {args.metric} = {value:.4f}")
+    return 0
+
+
 def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     """Rerun the best trial with exactly its logged config as a new run tagged ``rerun_of``; print both."""
     import mlflow
@@ -281,8 +307,7 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> in
     from schema import build
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    mode = cfg.mode if args.metric == cfg.metric else ("min" if "loss" in args.metric or "errors" in args.metric else "max")
-    best = best_run(uri, name, args.metric, mode)
+    best = best_run(uri, name, args.metric, metric_mode(cfg, args.metric))
     path = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=metrics.CONFIG_FILE, tracking_uri=uri)
     problems: list = []
     trial = build(TrialConfig, yaml.safe_load(Path(path).read_text()), "", problems)

@@ -7,6 +7,7 @@ trials run in Ray's working directories and would otherwise race on the schema m
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -65,6 +66,7 @@ def ensure_experiment(mlflow_client, name: str, description: str, uri: str) -> s
     exp_id = found.experiment_id if found else mlflow_client.create_experiment(name, artifact_location=_experiment_artifacts(uri, name))
     if description:
         mlflow_client.set_experiment_tag(exp_id, NOTE_TAG, description)
+    mlflow_client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")  # UI opens on the runs table
     return exp_id
 
 
@@ -207,6 +209,33 @@ class TrialRun:
         if self.client:
             log_metrics(self.client, self.run_id, values, step)
 
+    def log_dataset(self, data: dict, bundle) -> None:
+        """The data set as an MLflow dataset input: name, source, digest, split sizes."""
+        if not self.client:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = {"train": len(bundle.train), "val": len(bundle.val) if bundle.val is not None else 0, "test": len(bundle.test),
+                   "classes": len(bundle.classes), "val_fraction": data.get("val_fraction"), "subset": data.get("subset"), "split_seed": data.get("split_seed")}
+        dataset = Dataset(name=data["name"], digest=f"{bundle.digest}-{data.get('split_seed')}-{data.get('subset')}",
+                          source_type="local", source=str(data.get("root")), profile=json.dumps(profile))
+        retry(lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]))
+
+    def system_metrics(self):
+        """A started MLflow system-metrics monitor (CPU, memory, GPU where available), or None."""
+        if not self.client:
+            return None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            interval = float(os.environ.get("STRESSLAB_SYSTEM_METRICS_INTERVAL", 10))
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=self.logged_steps > 0, tracking_uri=self.client.tracking_uri)
+            monitor.start()
+            return monitor
+        except Exception as err:  # psutil missing or platform unsupported: training goes on without
+            print(f"system metrics unavailable: {err}")
+            return None
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.client:
             for key, value in tags.items():
@@ -223,3 +252,16 @@ class TrialRun:
         if error is not None:
             self.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
         retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+def save_pytorch_model(model, example, folder: str | Path) -> None:
+    """An MLflow PyTorch model (torch.export ``pt2``: loads without unpickling) with signature and input example."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    mlflow.pytorch.save_model(model, str(folder), signature=signature, input_example=example, serialization_format="pt2",
+                              pip_requirements=[f"torch=={metadata.version('torch')}"])

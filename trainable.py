@@ -7,6 +7,7 @@ then the test set once (metrics, predictions, weights, figures). The metric name
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -25,7 +26,7 @@ from engine import (build_optimizer, build_scheduler, classification_report, epo
                     pick_precision, predict, seed_everything, train_epoch)
 from model_zoo import create_model
 from schema import apply_overrides, build
-from tracking import TrialRun, run_name
+from tracking import TrialRun, run_name, save_pytorch_model
 
 STATE_FILE = "state.pt"
 Report = Callable[[dict, dict], None]  # (metrics, checkpoint state) -> None
@@ -84,6 +85,7 @@ def train(config: dict) -> None:
         error = DivergedError(f"not retried, it diverged before: {run.tag('diverged')}")
         run.finish("FAILED", error)
         raise error
+    monitor = run.system_metrics()
     try:
         fit(cfg, run, report, state, threads=sweep.get("threads"))
     except DivergedError as err:
@@ -96,6 +98,9 @@ def train(config: dict) -> None:
     except BaseException as err:  # interrupted (Ctrl-C, stop): the run must not stay RUNNING
         run.finish("KILLED", err)
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
     run.finish("FINISHED")
 
 
@@ -119,6 +124,7 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
 
     # 2. Data on the training device as uint8; batches are normalised and augmented there.
     bundle = load_bundle(dataclasses.asdict(cfg.data), device)
+    run.log_dataset(dataclasses.asdict(cfg.data), bundle)
     augmenter = Augmenter(cfg.augment, cfg.augment_params, fill=bundle.black())
 
     # 3. Model, optimiser, schedule, precision.
@@ -181,6 +187,8 @@ def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, st
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         torch.save(model.state_dict(), out / metrics.WEIGHTS_FILE)
+        example = bundle.normalise(bundle.test.x[:2]).cpu().numpy()
+        save_pytorch_model(copy.deepcopy(model).to(memory_format=torch.contiguous_format), example, out / "model")
         np.savez_compressed(out / metrics.PREDICTIONS_FILE, probs=probs.astype(np.float32), labels=labels,
                             preds=probs.argmax(1), index=index.cpu().numpy(), classes=np.array(bundle.classes))
         (out / metrics.CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -63,4 +63,6 @@ def load_images(name: str, root: str | None = None, cache_dir: str | Path | None
     with FileLock(str(path) + ".lock"):  # one trial decodes, the others wait and read
         if not path.exists():
             _write(path, source.decode(root=root, **options))
-    return _read(path)
+    images = _read(path)
+    images.digest = key
+    return images

@@ -37,6 +37,7 @@ class DataBundle:
     classes: list[str]
     mean: torch.Tensor  # per channel, in [0, 1]
     std: torch.Tensor
+    digest: str = ""  # of the source files, so runs on different data are never compared by mistake
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> float, standardised per channel."""
@@ -95,7 +96,7 @@ def load_bundle(data: dict, device: torch.device | str = "cpu") -> DataBundle:
         split(images.train_x, images.train_y, train_idx),
         split(images.train_x, images.train_y, val_idx) if len(val_idx) else None,
         split(images.test_x, images.test_y, test_idx),
-        images.classes, mean, std,
+        images.classes, mean, std, images.digest,
     )
 
 

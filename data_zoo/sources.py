@@ -23,6 +23,7 @@ class ImageSet:
     test_x: np.ndarray
     test_y: np.ndarray
     classes: list[str]
+    digest: str = ""  # cache key: a digest of the source files (set by ``load_images``)
 
 
 @dataclass(frozen=True)

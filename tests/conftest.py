@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import pickle
 import sys
 from pathlib import Path
@@ -28,11 +30,11 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test decodes into its own session cache, never the user's."""
-    monkeypatch.setenv("STRESSLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+# Set before anything starts Ray, so the trial workers inherit them: the tests decode into their own
+# cache (never the user's), send no usage stats, and sample system metrics often (tiny trials last seconds).
+os.environ["STRESSLAB_CACHE"] = tempfile.mkdtemp(prefix="stresslab-test-cache-")
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["STRESSLAB_SYSTEM_METRICS_INTERVAL"] = "1"
 
 
 def write_experiments(path: Path, experiments: dict, defaults: dict | None = None) -> Path:

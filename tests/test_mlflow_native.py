@@ -1,0 +1,111 @@
+"""MLflow-native artifacts: the logged PyTorch model, the registry, dataset inputs, system metrics, the UI."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import json
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+
+import metrics
+import sweep
+import tracking
+from data_zoo import load_bundle
+
+
+def best_trial(finished_sweep):
+    runs = finished_sweep["runs"]
+    trials = runs[runs[f"tags.{tracking.KIND_TAG}"] == "trial"]
+    return trials.sort_values(f"metrics.{metrics.TEST_ACC}", ascending=False).iloc[0]
+
+
+def test_logged_model_loads_without_pickle_and_reproduces_the_logged_predictions(finished_sweep, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    run = best_trial(finished_sweep)
+    mlflow.set_tracking_uri(finished_sweep["uri"])
+    model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
+    folder = mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path=metrics.PREDICTIONS_FILE)
+    logged = np.load(folder)
+    bundle = load_bundle({"name": "synthetic", "n_train": 400, "n_test": 120, "val_fraction": 0.2})
+    with torch.no_grad():
+        probs = torch.softmax(model(bundle.normalise(bundle.test.x)), 1).numpy()
+    assert probs.shape == logged["probs"].shape
+    assert (probs.argmax(1) == logged["preds"]).all()
+    np.testing.assert_allclose(probs, logged["probs"], atol=1e-4)
+
+
+def test_register_best_carries_run_id_and_metric(finished_sweep, capsys):
+    assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best"]) == 0
+    best = best_trial(finished_sweep)[f"metrics.{metrics.TEST_ACC}"]
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    (version,) = client.search_model_versions("name = 'tiny-best'")
+    assert version.tags["run_id"] == version.run_id
+    assert client.get_run(version.run_id).data.metrics[metrics.TEST_ACC] == best  # a best run (ties broken by MLflow's order)
+    assert version.tags["metric"] == metrics.TEST_ACC and float(version.tags["metric_value"]) == best
+    assert version.tags["sweep_id"].startswith("tiny-")
+    assert "registered tiny-best version 1" in capsys.readouterr().out
+
+
+def test_dataset_input_and_system_metrics_are_logged(finished_sweep):
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    run = client.get_run(best_trial(finished_sweep).run_id)
+    (dataset_input,) = run.inputs.dataset_inputs
+    profile = json.loads(dataset_input.dataset.profile)
+    assert dataset_input.dataset.name == "synthetic" and profile["train"] + profile["val"] == 400
+    assert abs(profile["val"] - 80) <= 2 and profile["test"] == 120  # 20% stratified per class
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium package is not installed (apt-get install chromium)")
+def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_path):
+    port = free_port()
+    ui = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "ui", "--backend-store-uri", finished_sweep["uri"],
+                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(90):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(1)
+        client = mlflow.MlflowClient(finished_sweep["uri"])
+        exp_id = client.get_experiment_by_name("tiny").experiment_id
+        trial_ids = [r.info.run_id for r in client.search_runs([exp_id], f"tags.`{tracking.KIND_TAG}` = 'trial'")]
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=15000"]
+        experiment_dom = subprocess.run(["chromium", *flags, "--dump-dom", f"{base}/#/experiments/{exp_id}/runs"], capture_output=True, text=True, timeout=120).stdout
+        compare = f"{base}/#/compare-runs?runs={urllib.parse.quote(json.dumps(trial_ids))}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
+        dom = subprocess.run(["chromium", *flags, "--dump-dom", compare], capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "runs_table.png"
+        subprocess.run(["chromium", *flags, "--window-size=1400,1000", f"--screenshot={shot}", compare], capture_output=True, timeout=120)
+        body = json.dumps({"experiment_ids": [exp_id], "filter": f"tags.`{tracking.KIND_TAG}` = 'trial'"}).encode()
+        request = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+        api_runs = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+    names = {"plain_cnn-none-s1", "plain_cnn-none-s2", "residual_cnn-none-s1", "residual_cnn-none-s2"}
+    assert "Training runs" in experiment_dom and "tiny-20" in experiment_dom  # the sweep's parent run heads the runs table
+    for name in names:
+        assert name in dom, f"{name} not rendered"
+    assert metrics.TEST_ACC in dom  # the rendered metrics table has a test/acc row for the runs
+    assert shot.exists() and shot.stat().st_size > 10_000
+    accuracy = {r["info"]["run_name"]: {m["key"]: m["value"] for m in r["data"]["metrics"]}.get(metrics.TEST_ACC) for r in api_runs}
+    assert set(accuracy) == names and all(isinstance(v, float) for v in accuracy.values())
+    if os.environ.get("STRESSLAB_SCREENSHOT_DIR"):
+        shutil.copy(shot, os.environ["STRESSLAB_SCREENSHOT_DIR"])
