@@ -1,0 +1,210 @@
+"""``python -m bench``: how fast stresslab trains, what Ray + MLflow cost, how fast Grad-CAM runs.
+
+Prints, on whatever device it finds, in one run:
+  1. training images/s of stresslab's loop vs a reference written like the seeds (torchvision-style
+     dataset of PIL images + RandomCrop/Flip transforms + DataLoader with workers, fp32), per model,
+     alternating the two so drift affects both;
+  2. the overhead of Ray Tune + MLflow: a sweep of N trials vs the same trials in a plain process pool;
+  3. Grad-CAM images/s;
+  4. on CUDA, ResNet-18's model-FLOPs utilisation against the GPU's bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+RESNET18_GFLOPS = 0.56  # forward, one 32x32 image; a training step costs about 3x
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def trial_config(arch: str, n_train: int, epochs: int = 1, **extra):
+    from config import TrialConfig
+    from schema import build
+
+    problems: list = []
+    data = {"name": "synthetic", "n_train": n_train, "n_test": 256, "val_fraction": 0.0}
+    cfg = build(TrialConfig, {"arch": arch, "augment": "cropflip", "epochs": epochs, "batch_size": 128, "data": data, **extra}, "", problems)
+    assert not problems, problems
+    return cfg
+
+
+# --- 1. training throughput -------------------------------------------------------------------
+
+
+def stresslab_images_per_s(arch: str, n: int, device: torch.device) -> float:
+    """One epoch of stresslab's own loop (device-resident uint8, batched augmentation)."""
+    from data_zoo import Augmenter, load_bundle
+    from engine import build_optimizer, epoch_generator, pick_precision, train_epoch
+    from model_zoo import create_model
+
+    cfg = trial_config(arch, n)
+    bundle = load_bundle(dataclasses.asdict(cfg.data), device)
+    model = create_model(arch, len(bundle.classes)).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    augmenter = Augmenter(cfg.augment, fill=bundle.black())
+    result = train_epoch(model, bundle, cfg, optimizer, pick_precision(device, cfg.amp), epoch_generator(0, 0), augmenter, device)
+    return result["time/images_per_s"]
+
+
+class PILImages(torch.utils.data.Dataset):
+    """What ``torchvision.datasets.CIFAR10.__getitem__`` does: a PIL image per item, then the transforms."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, transform):
+        self.x, self.y, self.transform = x.transpose(0, 2, 3, 1), y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def reference_images_per_s(arch: str, n: int, device: torch.device, workers: int) -> float:
+    """The seeds' pipeline: PIL RandomCrop(32, 4) + flip + ToTensor + Normalize, DataLoader with workers, fp32."""
+    import torchvision.transforms as T
+
+    from data_zoo.sources import synthetic
+    from model_zoo import create_model
+
+    images = synthetic(n_train=n, n_test=16)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))])
+    loader = torch.utils.data.DataLoader(PILImages(images.train_x, images.train_y, transform), batch_size=128, shuffle=True,
+                                         num_workers=workers, persistent_workers=False, pin_memory=device.type == "cuda")
+    model = create_model(arch, 10).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def bench_training(device: torch.device, sizes: dict[str, int], rounds: int, workers: int) -> dict[str, tuple[float, float]]:
+    print(f"\n1. training images/s, batch 128, crop+flip ({rounds} alternating rounds, median)")
+    print(f"   {'model':<14}{'stresslab':>12}{'reference':>12}{'ratio':>8}")
+    out = {}
+    for arch, n in sizes.items():
+        stresslab_images_per_s(arch, 256, device), reference_images_per_s(arch, 256, device, workers)  # warm-up
+        ours, ref = [], []
+        for _ in range(rounds):
+            ours.append(stresslab_images_per_s(arch, n, device))
+            ref.append(reference_images_per_s(arch, n, device, workers))
+        out[arch] = (float(np.median(ours)), float(np.median(ref)))
+        print(f"   {arch:<14}{out[arch][0]:>12.1f}{out[arch][1]:>12.1f}{out[arch][0] / out[arch][1]:>8.2f}", flush=True)
+    return out
+
+
+# --- 2. Ray Tune + MLflow overhead --------------------------------------------------------------
+
+
+def plain_trial(args: tuple[dict, int]) -> float:
+    """One trial through ``trainable.fit`` with no Ray and no MLflow (a process-pool worker)."""
+    from config import TrialConfig
+    from schema import build
+    from tracking import TrialRun
+    from trainable import fit
+
+    trial, threads = args
+    problems: list = []
+    cfg = build(TrialConfig, trial, "", problems)
+    return fit(cfg, TrialRun(), lambda values, state: None, threads=threads)["test/acc"]
+
+
+def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
+    import sweep
+
+    cpus = os.cpu_count() or 1
+    trial = dataclasses.asdict(trial_config("plain_cnn", n_train, epochs, model={"widths": [16, 32, 64]}))
+    print(f"\n2. Ray Tune + MLflow overhead: {trials} trials of plain_cnn, {epochs} epochs on {n_train} images, {cpus} at a time")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        with ProcessPoolExecutor(cpus) as pool:
+            list(pool.map(plain_trial, [({**trial, "seed": s}, 1) for s in range(trials)]))
+        plain = time.perf_counter() - start
+        experiment = {"defaults": {k: v for k, v in trial.items()}, "experiments": {"bench": {"resources": {"cpu": 1}, "max_failures": 0, "grid": {"seed": list(range(trials))}}}}
+        (Path(tmp) / "e.yaml").write_text(yaml.safe_dump(experiment))
+        start = time.perf_counter()
+        code = sweep.main(["--config", f"{tmp}/e.yaml", "--experiment", "bench", "--tracking-uri", f"sqlite:///{tmp}/mlruns/mlflow.db", "--storage", f"{tmp}/ray"])
+        swept = time.perf_counter() - start
+    assert code == 0, "the benchmark sweep failed"
+    overhead = (swept - plain) / swept
+    print(f"   plain process pool {plain:.1f} s, Ray Tune + MLflow sweep {swept:.1f} s: overhead {overhead:.1%} of the sweep's wall time")
+    return overhead
+
+
+# --- 3. Grad-CAM, 4. MFU -------------------------------------------------------------------------
+
+
+def bench_gradcam(device: torch.device, n: int) -> None:
+    from analysis.gradcam import compute_cams
+    from model_zoo import create_model, gradcam_target
+
+    print(f"\n3. Grad-CAM images/s (batch 128, {n} images)")
+    for arch in ("plain_cnn", "resnet18"):
+        model = create_model(arch, 10).to(device).eval()
+        x = torch.randn(n, 3, 32, 32)
+        compute_cams(model, gradcam_target(model, arch), x[:8], [0] * 8)
+        start = time.perf_counter()
+        compute_cams(model, gradcam_target(model, arch), x, [i % 10 for i in range(n)], batch_size=128)
+        print(f"   {arch:<14}{n / (time.perf_counter() - start):>10.1f} images/s", flush=True)
+
+
+def bench_mfu(device: torch.device, images_per_s: float | None) -> None:
+    print("\n4. ResNet-18 model-FLOPs utilisation")
+    if device.type != "cuda" or images_per_s is None:
+        print("   n/a: no CUDA device (MFU is measured against a GPU's bf16 peak)")
+        return
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    achieved = images_per_s * RESNET18_GFLOPS * 3 / 1000
+    print(f"   {name}: {achieved:.1f} TFLOP/s achieved" + (f", {achieved / peak:.1%} of the {peak:.0f} TFLOP/s bf16 dense peak" if peak else " (peak unknown)"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per model (median reported)")
+    p.add_argument("--images", type=int, default=0, help="training images per measurement (default: by model and device)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
+    p.add_argument("--overhead-trials", type=int, default=4)
+    p.add_argument("--overhead-epochs", type=int, default=2)
+    p.add_argument("--overhead-images", type=int, default=2000)
+    p.add_argument("--skip", nargs="*", default=[], choices=["training", "overhead", "gradcam"], help="parts to leave out")
+    args = p.parse_args()
+    from engine import pick_device
+    from model_zoo import list_models
+
+    device = pick_device()
+    print(f"stresslab benchmark on {torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'}, torch {torch.__version__}")
+    big = device.type == "cuda"
+    sizes = {m: args.images or (20_000 if big else (384 if m == "resnet18" else 2048)) for m in list_models()}
+    training = bench_training(device, sizes, args.rounds, args.workers) if "training" not in args.skip else {}
+    if "overhead" not in args.skip:
+        bench_overhead(args.overhead_trials, args.overhead_epochs, args.overhead_images)
+    if "gradcam" not in args.skip:
+        bench_gradcam(device, 1024 if big else 256)
+    bench_mfu(device, training.get("resnet18", (None,))[0])
+
+
+if __name__ == "__main__":
+    main()
