@@ -21,6 +21,6 @@ EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IM
 FINAL_METRICS = (TEST_LOSS, TEST_ACC, TEST_PRECISION, TEST_RECALL, TEST_F1, TEST_CONFIDENT_ERRORS)
 
 # Artifact names inside each MLflow run.
-PREDICTIONS_FILE = "predictions.npz"  # probs (N, C) float16, labels, preds, index
+PREDICTIONS_FILE = "predictions.npz"  # test probs/logits (N, C) float32, labels, preds, index; val_logits, val_labels
 WEIGHTS_FILE = "weights.pt"  # state_dict, torch.load(..., weights_only=True)
 CONFIG_FILE = "config.yaml"  # the resolved trial config

@@ -155,7 +155,7 @@ def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
     return tune.Tuner(
         tune.with_resources(trainable.train, resources),
         param_space=param_space,
-        tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials,
+        tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=sweep["sweep_id"], storage_path=storage,

@@ -189,8 +189,12 @@ def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, st
         torch.save(model.state_dict(), out / metrics.WEIGHTS_FILE)
         example = bundle.normalise(bundle.test.x[:2]).cpu().numpy()
         save_pytorch_model(copy.deepcopy(model).to(memory_format=torch.contiguous_format), example, out / "model")
-        np.savez_compressed(out / metrics.PREDICTIONS_FILE, probs=probs.astype(np.float32), labels=labels,
-                            preds=probs.argmax(1), index=index.cpu().numpy(), classes=np.array(bundle.classes))
+        val = {}
+        if bundle.val is not None:  # for calibration: temperature scaling is fitted on the validation split
+            val_logits, val_index = predict(model, bundle, bundle.val, cfg.eval_batch_size, precision, device)
+            val = {"val_logits": val_logits.cpu().numpy(), "val_labels": bundle.val.y.cpu().numpy(), "val_index": val_index.cpu().numpy()}
+        np.savez_compressed(out / metrics.PREDICTIONS_FILE, probs=probs.astype(np.float32), logits=logits.cpu().numpy(), labels=labels,
+                            preds=probs.argmax(1), index=index.cpu().numpy(), classes=np.array(bundle.classes), **val)
         (out / metrics.CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         np.savetxt(out / "confusion_matrix.csv", report["confusion"], fmt="%d", delimiter=",", header=",".join(bundle.classes))
         history = {k: [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, k)] for k in metrics.EPOCH_METRICS}

@@ -35,6 +35,20 @@ def compute_cams(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, class
     return np.concatenate(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)
 
 
+def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """ROAD score per CAM (Rong et al., ICML 2022, as shipped by pytorch-grad-cam): the softmax drop from
+    removing the least relevant pixels minus that from removing the most relevant, halved. Positive means
+    the map points at what the model uses; near zero or negative means the heat map is not to be trusted."""
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    if not len(inputs):
+        return np.zeros(0)
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
+    device = next(model.parameters()).device
+    return np.asarray(ROADCombined(percentiles=[20, 40, 60, 80])(inputs.to(device), cams, targets, model), dtype=float).reshape(-1)
+
+
 def layer_resolution(model: nn.Module, layer: nn.Module, size: int = 32) -> tuple[int, int]:
     """Spatial size of ``layer``'s output for a ``size`` x ``size`` input."""
     shapes = []

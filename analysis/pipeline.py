@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 import metrics
-from analysis import compare, failures as fail, gradcam, plots
+from analysis import calibration, compare, corruptions, failures as fail, gradcam, persistent, plots
 from analysis.runs import RunRecord, find_runs, load_model, test_images
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
@@ -31,6 +31,7 @@ class RunAnalysis:
     categories: list[fail.Category]
     layer: str
     resolution: tuple[int, int]
+    road: float | None = None  # mean ROAD faithfulness of the Grad-CAMs shown
     figures: dict[str, Path] = field(default_factory=dict)
 
 
@@ -78,12 +79,16 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
     cams_pred = gradcam.compute_cams(model, target, inputs, [f["predicted_label"] for f in explained])
     cams_true = gradcam.compute_cams(model, target, inputs, [f["true_label"] for f in explained])
     border = dict(zip((f["test_index"] for f in explained), fail.border_fraction(cams_pred).tolist()))
+    shown = min(8, len(explained))
+    road = gradcam.faithfulness(model, inputs[:shown], cams_pred[:shown], [f["predicted_label"] for f in explained[:shown]])
     class_colours = np.stack([fail.mean_colours(x[pred.labels == k]).mean(0) for k in range(len(pred.classes))])
     colours = fail.mean_colours(x[[f["position"] for f in found]]) if found else None
     categories = fail.categorize(found, len(pred.classes), border, colours, class_colours)
     for f in explained:
         f["cam_border_share"] = round(border[f["test_index"]], 4)
-    result = RunAnalysis(run, found, categories, layer_name, gradcam.layer_resolution(model, target))
+    for f, score in zip(explained, road):
+        f["road_score"] = round(float(score), 4)
+    result = RunAnalysis(run, found, categories, layer_name, gradcam.layer_resolution(model, target), road=float(road.mean()) if len(road) else None)
     folder = out / "runs" / run.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failures.json").write_text(json.dumps({
@@ -91,11 +96,11 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
         "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution),
         "categories": [asdict(c) for c in categories], "failures": found}, indent=1))
     titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:24]]
+    road_titles = [t + (f" ROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
     if found:
         result.figures["failures"] = gradcam.image_grid(x[[f["position"] for f in found[:24]]], titles, folder / "failures_grid.png")
-        shown = min(8, len(explained))
         result.figures["gradcam"] = gradcam.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},
-                                                       titles[:shown], folder / "gradcam_failures.png")
+                                                       road_titles[:shown], folder / "gradcam_failures.png")
     confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
     result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)
     return result
@@ -178,9 +183,72 @@ def sweep_figures(analyses: list[RunAnalysis], out: Path) -> dict[str, Path]:
     return figures
 
 
+def calibration_step(runs: list[RunRecord], out: Path, threshold: float) -> tuple[dict, Path]:
+    """ECE, temperature fitted on validation, confident failures before/after; reliability diagrams."""
+    summary = {r.name: calibration.calibration_summary(r.predictions, threshold) for r in runs}
+    (out / "calibration.json").write_text(json.dumps(summary, indent=1))
+    figure = calibration.plot_reliability({r.name: (r.predictions.probs, r.predictions.labels) for r in runs}, out / "reliability.png")
+    return summary, figure
+
+
+def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float) -> dict | None:
+    """Images (nearly) every run gets confidently wrong vs failures that depend on seed or setting."""
+    if len(runs) < 2:
+        return None
+    groups = persistent.split_groups(runs, threshold)
+    keys = [k for k in ("augment", "arch", "seed") if len({r.params.get(k) for r in runs}) > 1]
+    result = {"runs": len(runs), "counts": persistent.persistent_counts(runs, threshold), "groups": groups,
+              "fixes": {k: persistent.fixes_by_setting(runs, groups, k) for k in keys}}
+    (out / "persistent.json").write_text(json.dumps(result, indent=1))
+    shown = groups["persistent"][:24]
+    if shown:
+        x, _, _ = images.get(runs[0])
+        p = runs[0].predictions
+        pos = [int(np.flatnonzero(p.index == i)[0]) for i in shown]
+        titles = []
+        for i, q in zip(shown, pos):
+            usual, n = persistent.usual_prediction(runs, i)
+            titles.append(f"#{i} {p.classes[p.labels[q]]}->{usual} ({result['counts'][i]}/{len(runs)})")
+        result["figure"] = gradcam.image_grid(x[pos], titles, out / "persistent_failures.png")
+    return result
+
+
+def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_images: int, baseline: tuple[str, str] | None) -> dict | None:
+    """Accuracy under every corruption and severity on a class-balanced test subset; mCE against the baseline runs."""
+    import torch
+
+    if n_images <= 0:
+        return None
+    results = {}
+    for run in runs:
+        x, mean, std = images.get(run)
+        p = run.predictions
+        per_class = max(1, n_images // len(p.classes))
+        pos = np.concatenate([np.flatnonzero(p.labels == k)[:per_class] for k in range(len(p.classes))])
+        model = load_model(run)
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return np.concatenate([model(gradcam.normalise(batch[i : i + 500], mean, std)).argmax(1).numpy() for i in range(0, len(batch), 500)])
+
+        results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()), "accuracy": corruptions.corruption_accuracy(predict, x[pos], p.labels[pos])}
+        log(f"corruptions: {run.name} done")
+    base_runs = [r.name for r in runs if baseline and r.params.get(baseline[0]) == baseline[1]] or [runs[0].name]
+    names = sorted(corruptions.CORRUPTIONS)
+    base_err = {c: list(np.mean([[1 - a for a in results[b]["accuracy"][c]] for b in base_runs], axis=0)) for c in names}
+    for name, r in results.items():
+        r["mean_corruption_acc"] = float(np.mean([np.mean(v) for v in r["accuracy"].values()]))
+        r["mce"] = corruptions.mean_corruption_error({c: [1 - a for a in r["accuracy"][c]] for c in names}, base_err)
+    summary = {"images": int(len(pos)), "baseline_runs": base_runs, "runs": results}
+    (out / "robustness.json").write_text(json.dumps(summary, indent=1))
+    matrix = np.array([[np.mean(results[r]["accuracy"][c]) for r in results] for c in names])
+    summary["figure"] = plots.plot_heatmap(matrix, names, list(results), out / "corruption_heatmap.png", "accuracy under corruption (mean over severities 1-5)")
+    return summary
+
+
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
-                 log_to_mlflow: bool = True) -> Path:
+                 log_to_mlflow: bool = True, corruption_images: int = 1000) -> Path:
     """Analyse every finished run of ``experiment``; return the path of the HTML report."""
     from analysis import report
 
@@ -196,10 +264,12 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
         log(f"run {i}/{len(runs)} {run.name}: {len(analyses[-1].failures)} failures above {threshold}")
     figures = sweep_figures(analyses, out)
     figures["gallery"] = class_gallery(runs[0], images, out, layer, gallery)
+    extra = {"calibration": calibration_step(runs, out, threshold), "persistent": persistent_step(runs, images, out, threshold)}
     wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else infer_comparisons(runs)
+    extra["robustness"] = robustness_step(runs, images, out, corruption_images, wanted[0][0] if wanted else None)
     comparisons = [c for b, v in wanted if (c := compare_runs(runs, b, v, images, out, threshold, layer))]
     log(f"{len(comparisons)} comparison(s); writing the report")
-    path = report.write_report(out, experiment, uri, threshold, analyses, comparisons, figures)
+    path = report.write_report(out, experiment, uri, threshold, analyses, comparisons, figures, extra)
     if log_to_mlflow:
         report.log_analysis_run(uri, experiment, out, threshold)
     log(f"report {path} ({time.perf_counter() - start:.0f} s)")

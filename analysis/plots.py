@@ -79,3 +79,18 @@ def plot_bars(values: Mapping[str, Mapping[str, float]], path: str | Path, title
     if len(series) > 1:
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_heatmap(matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], path: str | Path, title: str) -> Path:
+    """Annotated heat map (values in [0, 1]), rows x columns."""
+    fig = Figure(figsize=(2.5 + 1.3 * len(columns), 1.2 + 0.4 * len(rows)))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(np.arange(len(rows)), rows, fontsize=7)
+    for r in range(len(rows)):
+        for c in range(len(columns)):
+            ax.text(c, r, f"{matrix[r, c]:.2f}", ha="center", va="center", fontsize=6, color="white" if matrix[r, c] < 0.5 else "black")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

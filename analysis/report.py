@@ -60,8 +60,10 @@ def results_section(analyses, figures: dict) -> str:
     for a in sorted(analyses, key=lambda a: -a.run.metrics.get(metrics.TEST_ACC, 0)):
         m = a.run.metrics
         rows.append([a.run.name, fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)), len(a.failures),
-                     f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", a.run.run_id[:8]])
-    return ("<h2>Results</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "failures", "Grad-CAM layer", "run id"], rows)
+                     f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", "-" if a.road is None else f"{a.road:+.3f}", a.run.run_id[:8]])
+    return ("<h2>Results</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "failures", "Grad-CAM layer", "ROAD", "run id"], rows)
+            + "<p class='note'>ROAD: Grad-CAM faithfulness of the heat maps shown (pytorch-grad-cam's ROADCombined, percentiles 20-80); "
+              "positive means removing the highlighted pixels hurts the prediction more than removing the others, so the map can be trusted.</p>"
             + img(figures.get("metrics"), "test metrics per run") + img(figures.get("curves"), "training (solid) and validation (dashed) curves")
             + img(figures.get("per_class"), "per-class test accuracy") + img(figures.get("worst"), "worst classes"))
 
@@ -95,7 +97,42 @@ def comparison_section(comparisons) -> str:
     return "".join(parts)
 
 
-def conclusions(analyses, comparisons) -> list[str]:
+def calibration_section(extra: dict) -> str:
+    summary, figure = extra["calibration"]
+    rows = [[name, f"{c['ece']:.4f}", "-" if c["temperature"] is None else f"{c['temperature']:.3f}", f"{c.get('ece_scaled', float('nan')):.4f}",
+             c["confident_failures"], c.get("confident_failures_scaled", "-")] for name, c in summary.items()]
+    return ("<h2>Calibration</h2><p>Expected calibration error over 15 confidence bins. Temperature scaling is fitted on each run's "
+            "validation split and only reported here: every other number in this report uses the raw probabilities.</p>"
+            + table(["run", "ECE", "temperature", "ECE after scaling", "confident failures", "after scaling"], rows) + img(figure, "reliability diagrams"))
+
+
+def robustness_section(extra: dict) -> str:
+    result = extra.get("robustness")
+    if not result:
+        return ""
+    rows = [[name, fmt(r["clean"]), fmt(r["mean_corruption_acc"]), f"{r['mce'] * 100:.1f}"] for name, r in result["runs"].items()]
+    return (f"<h2>Corruption robustness</h2><p>{result['images']} class-balanced test images under {len(next(iter(result['runs'].values()))['accuracy'])} corruptions at severities 1-5 "
+            f"(generated with fixed seeds, CIFAR-10-C style; see analysis/corruptions.py). mCE is relative to "
+            f"{esc(', '.join(result['baseline_runs']))} (100 = as robust as the baseline).</p>"
+            + table(["run", "clean acc %", "mean corruption acc %", "mCE"], rows) + img(result.get("figure"), "accuracy per corruption and run"))
+
+
+def persistent_section(extra: dict) -> str:
+    result = extra.get("persistent")
+    if not result:
+        return ""
+    groups = result["groups"]
+    parts = [f"<h2>Persistent failures</h2><p>Of the test images any of the {result['runs']} runs gets confidently wrong, "
+             f"{len(groups['persistent'])} are confidently wrong in (nearly) every run (all but at most one) and {len(groups['dependent'])} "
+             f"depend on seed or setting.</p>"]
+    for key, values in result["fixes"].items():
+        rows = [[value, fmt(v["persistent"]), fmt(v["dependent"])] for value, v in values.items()]
+        parts.append(f"<p>Share of each group classified correctly, by {esc(key)}:</p>" + table([key, "persistent %", "seed/setting-dependent %"], rows))
+    parts.append(img(result.get("figure"), "failures (nearly) every run makes: #index truth->usual prediction (runs failing)"))
+    return "".join(parts)
+
+
+def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
     """Sentences computed from the numbers above, nothing else."""
     out = []
     best = max(analyses, key=lambda a: a.run.metrics.get(metrics.TEST_ACC, 0))
@@ -109,6 +146,18 @@ def conclusions(analyses, comparisons) -> list[str]:
         if shares:
             out.append(f"Grad-CAM of the explained failures puts on average {np.mean(shares):.0%} of its mass outside the central 16x16 square "
                        f"(a uniform map: 75%); {np.mean(np.array(shares) > 0.75):.0%} of them lean on the border more than uniform.")
+    if extra:
+        cal = extra["calibration"][0]
+        eces = [c["ece"] for c in cal.values()]
+        out.append(f"Mean ECE across runs: {np.mean(eces):.3f} (range {min(eces):.3f} to {max(eces):.3f}).")
+        if extra.get("persistent"):
+            g = extra["persistent"]["groups"]
+            out.append(f"{len(g['persistent'])} test images are confidently misclassified by (nearly) every run; {len(g['dependent'])} failures depend on seed or setting.")
+        if extra.get("robustness"):
+            runs = extra["robustness"]["runs"]
+            best = min(runs, key=lambda n: runs[n]["mce"])
+            out.append(f"Most robust to corruptions: {best} (mCE {runs[best]['mce'] * 100:.1f}, mean corruption accuracy {runs[best]['mean_corruption_acc'] * 100:.1f}% "
+                       f"vs {runs[best]['clean'] * 100:.1f}% clean).")
     for c in comparisons:
         overall = next(r for r in c.per_class if r["class"] == "overall")
         low, high = overall["delta_ci95"]
@@ -121,11 +170,11 @@ def conclusions(analyses, comparisons) -> list[str]:
     return out
 
 
-def write_report(out: Path, experiment: str, uri: str, threshold: float, analyses, comparisons, figures: dict) -> Path:
+def write_report(out: Path, experiment: str, uri: str, threshold: float, analyses, comparisons, figures: dict, extra: dict) -> Path:
     """``out/report.html`` plus ``out/summary.json``."""
-    lines = conclusions(analyses, comparisons)
+    lines = conclusions(analyses, comparisons, extra)
     body = (f"<h1>Stress test: {esc(experiment)}</h1>" + setup_section(experiment, uri, threshold, analyses) + results_section(analyses, figures)
-            + failures_section(analyses, figures) + comparison_section(comparisons)
+            + failures_section(analyses, figures) + comparison_section(comparisons) + robustness_section(extra) + calibration_section(extra) + persistent_section(extra)
             + "<h2>Conclusions</h2><ul>" + "".join(f"<li>{esc(s)}</li>" for s in lines) + "</ul>")
     path = out / "report.html"
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>stresslab: {esc(experiment)}</title><style>{STYLE}</style></head><body>{body}</body></html>")

@@ -25,6 +25,9 @@ class Predictions:
     labels: np.ndarray
     index: np.ndarray
     classes: list[str]
+    logits: np.ndarray | None = None  # raw test logits (for temperature scaling)
+    val_logits: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
     @property
     def preds(self) -> np.ndarray:
@@ -41,7 +44,8 @@ class Predictions:
     @classmethod
     def load(cls, path: str | Path) -> "Predictions":
         with np.load(path) as f:
-            return cls(f["probs"].astype(np.float64), f["labels"], f["index"], [str(c) for c in f["classes"]])
+            optional = {k: f[k] for k in ("logits", "val_logits", "val_labels") if k in f}
+            return cls(f["probs"].astype(np.float64), f["labels"], f["index"], [str(c) for c in f["classes"]], **optional)
 
 
 @dataclass

@@ -90,6 +90,16 @@ def test_gradcam_mass_lands_in_the_only_region_the_logit_sees():
     assert gradcam.layer_resolution(model, model.features) == (32, 32)
 
 
+def test_road_faithfulness_prefers_the_map_of_the_region_the_model_uses():
+    model = RegionModel().eval()
+    x = torch.randn(8, 3, 32, 32)
+    classes = model(x).argmax(1).tolist()
+    right = np.zeros((8, 32, 32), np.float32)
+    right[:, :8, :8] = 1
+    wrong = 1 - right
+    assert gradcam.faithfulness(model, x, right, classes).mean() > gradcam.faithfulness(model, x, wrong, classes).mean()
+
+
 def test_border_fraction():
     centre_only = np.zeros((1, 32, 32))
     centre_only[0, 8:24, 8:24] = 1

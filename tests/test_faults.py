@@ -98,7 +98,8 @@ def sweep_cmd(path, uri, storage, *extra) -> list[str]:
 
 
 def test_driver_sigterm_then_resume_loses_and_duplicates_nothing(tmp_path):
-    path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 3, "data": {**TINY["data"], "n_train": 1200}, "grid": {"seed": [1, 2, 3, 4]}}})
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 3, "max_concurrent_trials": 1, "data": {**TINY["data"], "n_train": 2400},
+                                                           "grid": {"seed": [1, 2, 3, 4]}}})
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     driver = subprocess.Popen(sweep_cmd(path, uri, tmp_path / "ray"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     finished_before = {}

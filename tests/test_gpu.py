@@ -1,0 +1,78 @@
+"""GPU paths: bf16/fp16 autocast, channels_last, device-resident data, fractional GPUs. Run where CUDA is."""
+import dataclasses
+
+import pytest
+import torch
+
+import metrics
+from tests.conftest import TINY, write_experiments
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the GPU paths run on a machine with one")
+
+
+def tiny_cfg(**overrides):
+    from config import TrialConfig
+    from schema import build
+
+    problems: list = []
+    base = {k: v for k, v in TINY.items() if k not in ("resources", "max_failures")}
+    cfg = build(TrialConfig, {**base, **overrides}, "", problems)
+    assert not problems
+    return cfg
+
+
+def test_precision_is_bf16_or_fp16_with_a_scaler_on_cuda():
+    from engine import pick_precision
+
+    precision = pick_precision(torch.device("cuda"), amp=True)
+    if torch.cuda.is_bf16_supported():
+        assert precision.dtype == torch.bfloat16 and precision.scaler is None
+    else:
+        assert precision.dtype == torch.float16 and precision.scaler is not None
+    assert pick_precision(torch.device("cuda"), amp=False).dtype is None
+
+
+def test_data_stays_on_the_device_and_batches_are_channels_last():
+    from data_zoo import Augmenter, iterate_batches, load_bundle
+
+    bundle = load_bundle(dataclasses.asdict(tiny_cfg().data), "cuda")
+    assert bundle.train.x.is_cuda and bundle.train.x.dtype == torch.uint8 and bundle.test.x.is_cuda
+    gen = torch.Generator().manual_seed(0)
+    x, y, _ = next(iterate_batches(bundle, bundle.train, 64, gen, Augmenter("cutout", fill=bundle.black()), channels_last=True))
+    assert x.is_cuda and y.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_amp_training_on_cuda_is_finite_and_deterministic():
+    from tracking import TrialRun
+    from trainable import fit
+
+    cfg = tiny_cfg(amp=True, channels_last=True, deterministic=True)
+    a = fit(cfg, TrialRun(), lambda v, s: None)
+    b = fit(cfg, TrialRun(), lambda v, s: None)
+    assert torch.isfinite(torch.tensor(a[metrics.TRAIN_LOSS])) and a[metrics.TEST_ACC] > 0.1
+    assert a[metrics.TEST_ACC] == b[metrics.TEST_ACC]
+
+
+def test_augmentation_is_the_same_on_cpu_and_gpu():
+    from data_zoo import Augmenter
+
+    x = torch.randn(32, 3, 32, 32)
+    aug = Augmenter("cutout")
+    on_cpu = aug(x, torch.Generator().manual_seed(3))
+    on_gpu = aug(x.cuda(), torch.Generator().manual_seed(3)).cpu()
+    assert torch.equal(on_cpu, on_gpu)
+
+
+def test_fractional_gpu_trials_share_one_gpu(tmp_path):
+    import mlflow
+
+    import sweep
+    import tracking
+
+    path = write_experiments(tmp_path / "e.yaml", {"gpu": {"resources": {"cpu": 1, "gpu": 0.5}, "grid": {"seed": [1, 2]}}})
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert sweep.main(["--config", str(path), "--experiment", "gpu", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("gpu").experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial'")
+    assert len(runs) == 2 and all(r.data.tags["device"] != "cpu" for r in runs)
+    starts, ends = sorted(r.info.start_time for r in runs), sorted(r.info.end_time for r in runs)
+    assert starts[1] < ends[0]  # both trials ran at the same time on the one GPU
