@@ -129,6 +129,8 @@ class TrialConfig:
     compile: bool = False  # torch.compile the model
     deterministic: bool = True  # cudnn deterministic algorithms
     threshold: float = 0.9  # confidence above which an error counts as high-confidence
+    robustness: bool = False  # evaluate the corruption stress test at the end of the trial (logged as metrics + artifact)
+    robustness_images: int = 1000  # class-balanced test images it uses
     data: DataConfig = field(default_factory=DataConfig)
 
     def problems(self) -> list[tuple[str, str]]:

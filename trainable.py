@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -181,6 +182,8 @@ def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, st
     labels = bundle.test.y.cpu().numpy()
     report = classification_report(probs, labels, bundle.classes, cfg.threshold)
     results = {metrics.TEST_LOSS: float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean()), **report["metrics"]}
+    if cfg.robustness:
+        results.update(robustness(model, bundle, cfg, precision, device))
     if run.client is None:
         return results
     run.log_metrics(results, step)
@@ -196,9 +199,32 @@ def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, st
         np.savez_compressed(out / metrics.PREDICTIONS_FILE, probs=probs.astype(np.float32), logits=logits.cpu().numpy(), labels=labels,
                             preds=probs.argmax(1), index=index.cpu().numpy(), classes=np.array(bundle.classes), **val)
         (out / metrics.CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        if cfg.robustness:
+            (out / metrics.ROBUSTNESS_FILE).write_text(json.dumps({k: v for k, v in results.items() if k.startswith("robustness/")}, indent=1))
         np.savetxt(out / "confusion_matrix.csv", report["confusion"], fmt="%d", delimiter=",", header=",".join(bundle.classes))
         history = {k: [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, k)] for k in metrics.EPOCH_METRICS}
         plot_curves({"run": history}, out / "training_curves.png")
         plot_confusion(report["confusion"], bundle.classes, out / "confusion_matrix.png")
         run.log_artifacts(out)
     return results
+
+
+def robustness(model, bundle, cfg: TrialConfig, precision, device) -> dict[str, float]:
+    """The corruption stress test on a class-balanced test subset, as metrics (mean accuracy over severities)."""
+    from analysis.corruptions import corruption_accuracy
+
+    labels = bundle.test.y.cpu().numpy()
+    per_class = max(1, cfg.robustness_images // len(bundle.classes))
+    pos = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(bundle.classes))])
+    model.eval()
+
+    @torch.inference_mode()
+    def classify(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).to(device)
+        out = [model(bundle.normalise(x[i : i + cfg.eval_batch_size])).argmax(1) for i in range(0, len(x), cfg.eval_batch_size)]
+        return torch.cat(out).cpu().numpy()
+
+    accuracy = corruption_accuracy(classify, bundle.test.x.cpu().numpy()[pos], labels[pos])
+    values = {metrics.CORRUPTION_ACC.format(name): float(np.mean(acc)) for name, acc in accuracy.items()}
+    values[metrics.MEAN_CORRUPTION_ACC] = float(np.mean(list(values.values())))
+    return values

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic experiment files, CIFAR-format pickles, an isolated cache."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -115,3 +116,31 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("fault injection summary")
         for line in FAULT_SUMMARY:
             terminalreporter.write_line(line)
+
+
+@contextlib.contextmanager
+def mlflow_service(command: str, uri: str):
+    """``mlflow ui`` or ``mlflow server`` on the store ``uri``, on a free 127.0.0.1 port; yields its base URL."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    process = subprocess.Popen([mlflow_bin, command, "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(90):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

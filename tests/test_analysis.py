@@ -1,10 +1,5 @@
 """analysis/: failures, transitions, McNemar, Grad-CAM localisation, the report, a tracking server."""
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +10,7 @@ from torch import nn
 from analysis import compare, failures as fail, gradcam
 from analysis.pipeline import run_analysis
 from analysis.runs import Predictions, find_runs
+from tests.conftest import mlflow_service
 
 CLASSES = ["a", "b", "c"]
 
@@ -154,29 +150,9 @@ def test_comparison_pairs_runs_by_seed(analysed):
     assert overall["delta"][0] == pytest.approx(np.mean(deltas)) and overall["delta"][1] == pytest.approx(np.std(deltas, ddof=1))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tracking_server_gives_the_same_failures(finished_sweep, analysed, tmp_path):
-    port = free_port()
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    server = subprocess.Popen([mlflow_bin, "server", "--backend-store-uri", finished_sweep["uri"], "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(1)
-        run_analysis("tiny", f"http://127.0.0.1:{port}", tmp_path, threshold=0.5, max_cams=20, log_to_mlflow=False)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with mlflow_service("server", finished_sweep["uri"]) as base:
+        run_analysis("tiny", base, tmp_path, threshold=0.5, max_cams=20, log_to_mlflow=False, corruption_images=0)
     local_out, _ = analysed
     for folder in (local_out / "runs").iterdir():
         local = json.loads((folder / "failures.json").read_text())

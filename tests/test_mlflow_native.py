@@ -1,10 +1,8 @@
 """MLflow-native artifacts: the logged PyTorch model, the registry, dataset inputs, system metrics, the UI."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 import json
@@ -19,6 +17,7 @@ import metrics
 import sweep
 import tracking
 from data_zoo import load_bundle
+from tests.conftest import mlflow_service
 
 
 def best_trial(finished_sweep):
@@ -64,25 +63,9 @@ def test_dataset_input_and_system_metrics_are_logged(finished_sweep):
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium package is not installed (apt-get install chromium)")
 def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_path):
-    port = free_port()
-    ui = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "ui", "--backend-store-uri", finished_sweep["uri"],
-                           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(90):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(1)
+    with mlflow_service("ui", finished_sweep["uri"]) as base:
         client = mlflow.MlflowClient(finished_sweep["uri"])
         exp_id = client.get_experiment_by_name("tiny").experiment_id
         trial_ids = [r.info.run_id for r in client.search_runs([exp_id], f"tags.`{tracking.KIND_TAG}` = 'trial'")]
@@ -96,9 +79,6 @@ def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_
         body = json.dumps({"experiment_ids": [exp_id], "filter": f"tags.`{tracking.KIND_TAG}` = 'trial'"}).encode()
         request = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
         api_runs = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
-    finally:
-        ui.terminate()
-        ui.wait(timeout=30)
     names = {"plain_cnn-none-s1", "plain_cnn-none-s2", "residual_cnn-none-s1", "residual_cnn-none-s2"}
     assert "Training runs" in experiment_dom and "tiny-20" in experiment_dom  # the sweep's parent run heads the runs table
     for name in names:

@@ -1,6 +1,8 @@
 """One trial, called directly: determinism, exact resume, divergence, early stopping."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -118,3 +120,11 @@ def test_checkpoint_state_loads_weights_only(tmp_path):
     (tmp_path / STATE_FILE).write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match=f"cannot read checkpoint {tmp_path / STATE_FILE}"):
         load_state(str(tmp_path))
+
+
+def test_end_of_trial_robustness_is_reported_as_metrics():
+    result = fit(tiny(epochs=1, robustness=True, robustness_images=40), TrialRun(), Recorder())
+    assert 0 <= result[metrics.MEAN_CORRUPTION_ACC] <= 1
+    per_corruption = [k for k in result if k.startswith("robustness/") and k != metrics.MEAN_CORRUPTION_ACC]
+    assert len(per_corruption) >= 10
+    assert result[metrics.MEAN_CORRUPTION_ACC] == pytest.approx(np.mean([result[k] for k in per_corruption]))
