@@ -28,6 +28,10 @@ class ConfigError(ValueError):
         super().__init__("\n".join(problems))
 
 
+class InputError(ValueError):
+    """Bad input found past the YAML (no such runs, launch or data): the CLIs exit with code 2."""
+
+
 # --- dict -> dataclass, with path-named type errors ------------------------------------------
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import metrics
 import tracking
 from config import ExperimentConfig
-from schema import ConfigError, as_dict, resolve, to_tune_space, trial_configs
+from schema import ConfigError, InputError, as_dict, resolve, to_tune_space, trial_configs
 
 RESULTS_DIR = tracking.PROJECT_ROOT / "ray_results"
 EPILOG = """examples:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rerun_best:
             return rerun_best(name, cfg, args)
         return launch(name, cfg, args)
-    except PermissionError as err:
+    except (PermissionError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -197,13 +197,13 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
 
     import trainable
 
+    path = latest_launch(args.storage, name) if args.resume else None
     init_ray(args.address)
     if args.address:
         import ray
 
         check_gpus(name, cfg, ray.cluster_resources().get("GPU", 0))
-    if args.resume:
-        path = latest_launch(args.storage, name)
+    if path:
         print(f"resuming {path}")
         tuner = tune.Tuner.restore(path, trainable=tune.with_resources(trainable.train, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}),
                                    resume_unfinished=True, resume_errored=True)
@@ -221,7 +221,7 @@ def latest_launch(storage: str, name: str) -> str:
     """Newest Ray results folder of experiment ``name``."""
     launches = sorted(Path(storage).glob(f"{name}-*"))
     if not launches:
-        raise SystemExit(f"error: no launch of {name!r} under {storage} to resume; start one without --resume")
+        raise InputError(f"no launch of {name!r} under {storage} to resume; start one without --resume")
     return str(launches[-1])
 
 
@@ -230,7 +230,7 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict | None)
     rows = []
     for result in results:
         m = result.metrics or {}
-        status = f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else "done" if m.get("done") else "unfinished"
+        status = f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else "done" if m.get("done") or metrics.TEST_ACC in m else "unfinished"
         rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
     rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))
     print(f"\n{'trial':<40}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
@@ -272,7 +272,7 @@ def best_run(uri: str, name: str, metric: str, mode: str):
                               order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"])
     column = f"metrics.{metric}"
     if runs.empty or column not in runs or runs[column].isna().all():
-        raise SystemExit(f"error: experiment {name!r} has no finished run with metric {metric!r} at {uri}; run the sweep first")
+        raise InputError(f"experiment {name!r} has no finished run with metric {metric!r} at {uri}; run the sweep first")
     return runs[runs[column].notna()].iloc[0]
 
 
@@ -312,7 +312,7 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> in
     problems: list = []
     trial = build(TrialConfig, yaml.safe_load(Path(path).read_text()), "", problems)
     if problems:
-        raise SystemExit(f"error: the logged config of run {best.run_id} no longer validates: {problems}")
+        raise InputError(f"the logged config of run {best.run_id} no longer validates: {problems}")
     rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
     print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), {args.metric} = {best[f'metrics.{args.metric}']:.4f}")
     code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})

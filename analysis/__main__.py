@@ -7,6 +7,7 @@ from pathlib import Path
 
 import tracking
 from analysis.pipeline import GALLERY_CLASSES, run_analysis
+from schema import InputError
 
 EPILOG = """examples:
   python -m analysis --experiment quick
@@ -45,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot write the report to {out} ({err.strerror}); choose a writable folder with --out", file=sys.stderr)
         return 2
-    run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
-                 args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log, args.corruption_images)
+    try:
+        run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
+                     args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
+                     args.corruption_images)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from scipy import stats
 
 from analysis.runs import Predictions, RunRecord
+from schema import InputError
 
 IGNORED_PARAMS = ("data.root", "data.cache_dir", "eval_batch_size")  # where and how fast, not what
 
@@ -15,7 +16,7 @@ def parse_selector(text: str) -> tuple[str, str]:
     """``augment=none`` -> ('augment', 'none')."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise SystemExit(f"error: selector {text!r} must look like KEY=VALUE, e.g. augment=none")
+        raise InputError(f"selector {text!r} must look like KEY=VALUE, e.g. augment=none")
     return key.strip(), value.strip()
 
 
@@ -23,7 +24,7 @@ def pair_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tuple[s
     """(baseline, variant) runs that differ only in the selector's setting (so same seed, same everything else)."""
     key = baseline[0]
     if variant[0] != key:
-        raise SystemExit(f"error: --baseline and --variant must select the same setting, got {baseline[0]!r} and {variant[0]!r}")
+        raise InputError(f"--baseline and --variant must select the same setting, got {baseline[0]!r} and {variant[0]!r}")
 
     def identity(run: RunRecord) -> tuple:
         return tuple(sorted((k, v) for k, v in run.params.items() if k != key and k not in IGNORED_PARAMS))

@@ -15,6 +15,7 @@ import yaml
 
 import metrics
 import tracking
+from schema import InputError
 
 
 @dataclass
@@ -92,7 +93,7 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
         names = [e.name for e in mlflow_client.search_experiments()]
-        raise SystemExit(f"error: no MLflow experiment {experiment!r} at {uri}; known: {', '.join(names) or 'none'}. Run the sweep first.")
+        raise InputError(f"no MLflow experiment {experiment!r} at {uri}; known: {', '.join(names) or 'none'}. Run the sweep first.")
     runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'",
                                      order_by=["attributes.start_time ASC"], max_results=5000)
     if sweep and sweep != "all":
@@ -100,7 +101,7 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
         wanted = sorted(s for s in sweeps if s)[-1] if sweep == "latest" and any(sweeps) else sweep
         runs = [r for r in runs if r.data.tags.get(tracking.SWEEP_TAG) == wanted]
     if not runs:
-        raise SystemExit(f"error: experiment {experiment!r} has no finished trial runs (sweep {sweep}) at {uri}")
+        raise InputError(f"experiment {experiment!r} has no finished trial runs (sweep {sweep}) at {uri}")
     records = []
     for run in runs:
         for artifact in (metrics.CONFIG_FILE, metrics.PREDICTIONS_FILE):
@@ -131,7 +132,7 @@ def test_images(record: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         bundle = load_bundle(data)
     except (FileNotFoundError, OSError) as err:
-        raise SystemExit(f"error: the test images of run {record.name} are not readable here ({err}); "
+        raise InputError(f"the test images of run {record.name} are not readable here ({err}); "
                          f"point data.root at a copy: {data.get('root')}") from err
     position = {int(i): p for p, i in enumerate(bundle.test.index.numpy())}
     order = np.array([position[int(i)] for i in record.predictions.index])

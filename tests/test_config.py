@@ -91,3 +91,14 @@ def test_unknown_experiment_and_broken_yaml(tmp_path):
     broken.write_text("experiments: {ok: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         resolve(broken)
+
+
+def test_nothing_to_resume_or_analyse_exits_2_with_the_reason(tmp_path, capsys):
+    from analysis.__main__ import main as analysis_main
+
+    path = write_experiments(tmp_path / "e.yaml", {"ok": {}})
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert sweep.main(["--config", str(path), "--experiment", "ok", "--resume", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 2
+    assert f"no launch of 'ok' under {tmp_path / 'ray'} to resume" in capsys.readouterr().err
+    assert analysis_main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
