@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import metrics
@@ -130,12 +131,12 @@ def sweep_context(name: str, cfg: ExperimentConfig, args: argparse.Namespace, ki
     mlflow_client = tracking.client(uri)
     exp_id = tracking.ensure_experiment(mlflow_client, name, cfg.description, uri)
     sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = tracking.environment_tags()
-    parent = mlflow_client.create_run(exp_id, run_name=sweep_id, tags={**tags, **(extra_tags or {}), tracking.SWEEP_TAG: sweep_id,
-                                                                       tracking.KIND_TAG: "sweep", tracking.NOTE_TAG: cfg.description})
+    tags = {**tracking.environment_tags(), **(extra_tags or {})}
+    parent = mlflow_client.create_run(exp_id, run_name=sweep_id, tags={**tags, tracking.SWEEP_TAG: sweep_id, tracking.KIND_TAG: "sweep",
+                                                                       tracking.NOTE_TAG: cfg.description})
     tracking.log_params(mlflow_client, parent.info.run_id, {"grid": str(cfg.grid), "num_samples": cfg.num_samples, "config": args.config})
     return {"tracking_uri": uri, "experiment_id": exp_id, "experiment": name, "sweep_id": sweep_id, "parent_run_id": parent.info.run_id,
-            "tags": {**tags, **(extra_tags or {})}, "kind": kind, "threads": max(1, int(cfg.resources.cpu))}
+            "tags": tags, "kind": kind, "threads": max(1, int(cfg.resources.cpu))}
 
 
 def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
@@ -198,7 +199,11 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
     import trainable
 
     path = latest_launch(args.storage, name) if args.resume else None
-    init_ray(args.address)
+    # The MLflow store (a fresh SQLite one migrates its schema: seconds of CPU) is set up while Ray starts.
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as setup:
+        context = None if path else setup.submit(sweep_context, name, cfg, args, kind, extra_tags)
+        init_ray(args.address)
+        sweep = context.result() if context else None  # on a resume the context lives in the restored param space
     if args.address:
         import ray
 
@@ -207,9 +212,7 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
         print(f"resuming {path}")
         tuner = tune.Tuner.restore(path, trainable=tune.with_resources(trainable.train, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}),
                                    resume_unfinished=True, resume_errored=True)
-        sweep = None  # the context lives in the restored param space
     else:
-        sweep = sweep_context(name, cfg, args, kind, extra_tags)
         print(f"sweep {sweep['sweep_id']}: MLflow experiment {name!r} at {sweep['tracking_uri']}")
         tuner = build_tuner(cfg, sweep, args.storage)
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))  # Tune saves its state on SIGINT

@@ -131,13 +131,18 @@ def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
         retry(lambda: mlflow_client.log_batch(run_id, params=chunk))
 
 
-def retry(fn, attempts: int = 8, delay: float = 0.25):
-    """Call ``fn``, retrying on transient store errors (``database is locked``) with backoff."""
+TRANSIENT = ("locked", "busy")
+
+
+def retry(fn, attempts: int = 8, delay: float = 0.25, transient: tuple[str, ...] = TRANSIENT):
+    """Call ``fn``, retrying with backoff on store errors whose message contains one of ``transient``
+    (by default SQLite's ``database is locked``)."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as err:  # MLflow wraps sqlite errors in several exception types
-            if attempt == attempts - 1 or "locked" not in str(err).lower() and "busy" not in str(err).lower():
+            message = str(err).lower()
+            if attempt == attempts - 1 or not any(marker in message for marker in transient):
                 raise
             time.sleep(delay * 2**attempt)
     return None
@@ -219,7 +224,10 @@ class TrialRun:
                    "classes": len(bundle.classes), "val_fraction": data.get("val_fraction"), "subset": data.get("subset"), "split_seed": data.get("split_seed")}
         dataset = Dataset(name=data["name"], digest=f"{bundle.digest}-{data.get('split_seed')}-{data.get('subset')}",
                           source_type="local", source=str(data.get("root")), profile=json.dumps(profile))
-        retry(lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]))
+        # Concurrent trials on the same data race to insert the same dataset row (UNIQUE constraint on experiment,
+        # name, digest): the loser's retry finds the row and only links its run to it.
+        retry(lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]),
+              transient=(*TRANSIENT, "unique constraint failed: datasets"))
 
     def system_metrics(self):
         """A started MLflow system-metrics monitor (CPU, memory, GPU where available), or None."""

@@ -89,3 +89,76 @@ def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_
     assert set(accuracy) == names and all(isinstance(v, float) for v in accuracy.values())
     if os.environ.get("STRESSLAB_SCREENSHOT_DIR"):
         shutil.copy(shot, os.environ["STRESSLAB_SCREENSHOT_DIR"])
+
+
+def open_trial_runs(tmp_path, count: int) -> list[tracking.TrialRun]:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client(uri)
+    sweep_info = {"tracking_uri": uri, "experiment_id": tracking.ensure_experiment(client, "race", "", uri), "sweep_id": "race-1"}
+    return [tracking.TrialRun.open(sweep_info, {"seed": i}, f"t{i}", f"trial_{i}", None) for i in range(count)]
+
+
+def test_dataset_insert_lost_to_a_concurrent_trial_is_retried_and_linked(tmp_path, monkeypatch):
+    """Two trials on the same data race to insert one dataset row; the loser gets SQLite's UNIQUE error."""
+    winner, loser = open_trial_runs(tmp_path, 2)
+    data = {"name": "synthetic", "root": "data", "subset": None, "split_seed": 0, "val_fraction": 0.2}
+    bundle = load_bundle({"name": "synthetic", "n_train": 40, "n_test": 20, "val_fraction": 0.2})
+    real = loser.client.log_inputs
+    calls = []
+
+    def race(run_id, datasets):
+        calls.append(run_id)
+        if len(calls) == 1:  # the other trial inserts the row between our lookup and our insert
+            winner.log_dataset(data, bundle)
+            raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest")
+        return real(run_id, datasets)
+
+    monkeypatch.setattr(loser.client, "log_inputs", race)
+    loser.log_dataset(data, bundle)
+    assert len(calls) == 2
+    digests = [loser.client.get_run(r.run_id).inputs.dataset_inputs[0].dataset.digest for r in (winner, loser)]
+    assert digests[0] == digests[1] == f"{bundle.digest}-0-None"
+
+
+def test_store_errors_that_are_not_transient_are_not_retried():
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise mlflow.exceptions.MlflowException("UNIQUE constraint failed: runs.run_uuid")
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="runs.run_uuid"):
+        tracking.retry(fail, transient=(*tracking.TRANSIENT, "unique constraint failed: datasets"))
+    assert calls == [1]
+
+    def locked_once():
+        calls.append(2)
+        if calls.count(2) == 1:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert tracking.retry(locked_once, delay=0.01) == "ok" and calls == [1, 2, 2]
+
+
+def test_concurrent_trials_on_the_same_data_all_log_it(tmp_path):
+    import threading
+
+    runs = open_trial_runs(tmp_path, 6)
+    data = {"name": "synthetic", "root": "data", "subset": None, "split_seed": 0, "val_fraction": 0.2}
+    bundle = load_bundle({"name": "synthetic", "n_train": 40, "n_test": 20, "val_fraction": 0.2})
+    start, errors = threading.Barrier(len(runs)), []
+
+    def log(run):
+        start.wait()
+        try:
+            run.log_dataset(data, bundle)
+        except Exception as err:  # collected: an exception in a thread would not fail the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(run,)) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(len(run.client.get_run(run.run_id).inputs.dataset_inputs) == 1 for run in runs)
