@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -25,13 +26,28 @@ def pick_device() -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy, torch and CUDA; ask cudnn for deterministic algorithms."""
+    """Seed Python, NumPy, torch and CUDA. ``deterministic``: cudnn's deterministic algorithms, no
+    benchmark autotuning, cuBLAS' deterministic workspace and torch's deterministic algorithms, which
+    warn (naming the op) where an op has no deterministic implementation instead of failing the trial."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set before any CUDA work
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def determinism(device: torch.device, cfg: TrialConfig) -> str:
+    """What a rerun with the same seed can be expected to reproduce, stated for the run's tags and log."""
+    if not cfg.deterministic:
+        return "not deterministic (deterministic: false): cudnn autotunes its algorithms by timing"
+    where = f"on the same {'GPU model' if device.type == 'cuda' else 'CPU thread count'}"
+    if cfg.compile:
+        return (f"deterministic in eager code {where}; compile: true runs Inductor-generated kernels, "
+                f"which torch does not guarantee to be bitwise reproducible")
+    return f"bitwise deterministic {where} (ops without a deterministic implementation warn in the trial log)"
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

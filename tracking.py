@@ -244,10 +244,13 @@ class TrialRun:
             print(f"system metrics unavailable: {err}")
             return None
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.client:
-            for key, value in tags.items():
-                retry(lambda: self.client.set_tag(self.run_id, key, str(value)))
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Tags in one batch (values as strings, cut to MLflow's 5,000-character limit)."""
+        if self.client and tags:
+            from mlflow.entities import RunTag
+
+            batch = [RunTag(key, str(value)[:5000]) for key, value in tags.items()]
+            retry(lambda: self.client.log_batch(self.run_id, tags=batch))
 
     def log_artifacts(self, folder: str | Path) -> None:
         if self.client:

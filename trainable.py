@@ -23,7 +23,7 @@ import yaml
 import metrics
 from config import EarlyStoppingConfig, TrialConfig
 from data_zoo import Augmenter, load_bundle
-from engine import (build_optimizer, build_scheduler, classification_report, epoch_generator, evaluate, pick_device,
+from engine import (build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate, pick_device,
                     pick_precision, predict, seed_everything, train_epoch)
 from model_zoo import create_model
 from schema import apply_overrides, build
@@ -121,7 +121,11 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    run.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch.num_threads": torch.get_num_threads()})
+    reproducible = determinism(device, cfg)
+    if cfg.deterministic and cfg.compile:
+        print(f"warning: {reproducible}")
+    run.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch.num_threads": torch.get_num_threads(),
+                  "determinism": reproducible})
 
     # 2. Data on the training device as uint8; batches are normalised and augmented there.
     bundle = load_bundle(dataclasses.asdict(cfg.data), device)

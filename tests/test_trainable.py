@@ -128,3 +128,20 @@ def test_end_of_trial_robustness_is_reported_as_metrics():
     per_corruption = [k for k in result if k.startswith("robustness/") and k != metrics.MEAN_CORRUPTION_ACC]
     assert len(per_corruption) >= 10
     assert result[metrics.MEAN_CORRUPTION_ACC] == pytest.approx(np.mean([result[k] for k in per_corruption]))
+
+
+def test_determinism_settings_follow_the_config_and_are_stated():
+    from engine import determinism, seed_everything
+
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert determinism(torch.device("cpu"), tiny()).startswith("bitwise deterministic on the same CPU thread count")
+        assert "not guaranteed" not in determinism(torch.device("cuda"), tiny())
+        assert "Inductor" in determinism(torch.device("cuda"), tiny(compile=True))
+        seed_everything(0, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        assert determinism(torch.device("cuda"), tiny(deterministic=False)).startswith("not deterministic")
+    finally:
+        seed_everything(0, deterministic=True)

@@ -1,0 +1,21 @@
+"""``python -m bench`` at toy sizes: every figure the performance section quotes is printed."""
+import re
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_benchmark_prints_every_figure():
+    out = subprocess.run([sys.executable, "-m", "bench", "--images", "64", "--rounds", "1", "--overhead-trials", "2", "--overhead-epochs", "1",
+                          "--overhead-images", "128", "--gradcam-images", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    for model in ("plain_cnn", "residual_cnn", "se_cnn", "resnet18"):  # 1. stresslab vs reference, with the ratio
+        assert re.search(rf"^\s+{model}\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\d$", text, re.M), text
+    assert re.search(r"plain process pool: \d+\.\d s \(a trial \d+\.\d s", text), text  # 2. overhead
+    assert re.search(r"Ray Tune \+ MLflow sweep: \d+\.\d s \(first trial started after \d+\.\d s", text), text
+    assert re.search(r"overhead: -?\d+\.\d% of the sweep's wall time", text), text
+    assert len(re.findall(r"^\s+(plain_cnn|resnet18)\s+\d+\.\d images/s$", text, re.M)) == 2, text  # 3. Grad-CAM
+    assert "4. ResNet-18 model-FLOPs utilisation" in text  # 4. MFU (n/a without CUDA, with the reason)
+    assert "n/a: no CUDA device" in text or "TFLOP/s achieved" in text
