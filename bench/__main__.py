@@ -4,7 +4,8 @@ Prints, on whatever device it finds, in one run:
   1. training images/s of stresslab's loop vs a reference written like the seeds (torchvision-style
      dataset of PIL images + RandomCrop/Flip transforms + DataLoader with workers, fp32), per model,
      alternating the two so drift affects both;
-  2. the overhead of Ray Tune + MLflow: a sweep of N trials vs the same trials in a plain process pool;
+  2. the overhead of Ray Tune + MLflow: a sweep of N trials vs the same trials in a plain process pool
+     (half before and half after the sweep, so drift affects both);
   3. Grad-CAM images/s;
   4. on CUDA, ResNet-18's model-FLOPs utilisation against the GPU's bf16 peak.
 """
@@ -143,18 +144,25 @@ def sweep_timeline(uri: str, started: float) -> tuple[float, float]:
     return first, float(np.mean([(r.info.end_time - r.info.start_time) / 1000 for r in runs]))
 
 
+def plain_pool(trial: dict, seeds: list[int], workers: int) -> tuple[float, list[float]]:
+    """Wall time of ``seeds`` trials in a process pool of ``workers``, and each trial's own seconds."""
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        seconds = list(pool.map(plain_trial, [({**trial, "seed": s}, 1) for s in seeds]))
+    return time.perf_counter() - start, seconds
+
+
 def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
+    """Plain pool on half the trials, the Ray Tune + MLflow sweep on all, the pool on the other half:
+    the machine's drift over the measurement falls on both sides (the halves add up to the same trials)."""
     import sweep
 
     cpus = os.cpu_count() or 1
     trial = dataclasses.asdict(trial_config("plain_cnn", n_train, epochs, model={"widths": [16, 32, 64]}))
     print(f"\n2. Ray Tune + MLflow overhead: {trials} trials of plain_cnn, {epochs} epochs on {n_train} images, {cpus} at a time, 1 CPU each")
+    first_half, second_half = list(range(trials // 2)), list(range(trials // 2, trials))
+    before, seconds = plain_pool(trial, first_half, cpus)
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        with ProcessPoolExecutor(cpus) as pool:
-            seconds = list(pool.map(plain_trial, [({**trial, "seed": s}, 1) for s in range(trials)]))
-        plain = time.perf_counter() - start
-        print(f"   plain process pool: {plain:.1f} s (a trial {np.mean(seconds):.1f} s on average, from {min(seconds):.1f} to {max(seconds):.1f} s)", flush=True)
         experiment = {"defaults": trial, "experiments": {"bench": {"resources": {"cpu": 1}, "max_failures": 0, "grid": {"seed": list(range(trials))}}}}
         (Path(tmp) / "e.yaml").write_text(yaml.safe_dump(experiment))
         uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
@@ -163,8 +171,12 @@ def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
         swept = time.perf_counter() - start
         assert code == 0, "the benchmark sweep failed"
         first, per_trial = sweep_timeline(uri, wall_start)
-    overhead = (swept - plain) / swept
+    after, more = plain_pool(trial, second_half, cpus)
+    plain, seconds = before + after, seconds + more
+    print(f"   plain process pool: {plain:.1f} s ({before:.1f} s before the sweep + {after:.1f} s after; "
+          f"a trial {np.mean(seconds):.1f} s on average, from {min(seconds):.1f} to {max(seconds):.1f} s)")
     print(f"   Ray Tune + MLflow sweep: {swept:.1f} s (first trial started after {first:.1f} s; a trial's MLflow run {per_trial:.1f} s on average)")
+    overhead = (swept - plain) / swept
     print(f"   overhead: {overhead:.1%} of the sweep's wall time")
     return overhead
 
