@@ -76,3 +76,21 @@ def test_fractional_gpu_trials_share_one_gpu(tmp_path):
     assert len(runs) == 2 and all(r.data.tags["device"] != "cpu" for r in runs)
     starts, ends = sorted(r.info.start_time for r in runs), sorted(r.info.end_time for r in runs)
     assert starts[1] < ends[0]  # both trials ran at the same time on the one GPU
+
+
+@pytest.mark.parametrize("arch", ["plain_cnn", "residual_cnn", "se_cnn", "resnet18"])
+def test_every_model_trains_under_strict_deterministic_algorithms(arch):
+    """torch raises (not warns) here on any op without a deterministic CUDA implementation."""
+    from engine import seed_everything
+    from model_zoo import create_model
+
+    seed_everything(0, deterministic=True)
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        model = create_model(arch, 10).cuda().to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32, device="cuda")), torch.arange(8, device="cuda"))
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=True)
