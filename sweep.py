@@ -186,7 +186,10 @@ def init_ray(address: str | None) -> None:
         return
     if address:
         excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/"]
-        ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes})
+        try:
+            ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes})
+        except ConnectionError as err:
+            raise InputError(f"cannot reach a Ray cluster at --address {address} ({err}); start one with `ray start --head` or leave out --address") from err
     else:  # local: the dashboard stays on loopback, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT)}})
@@ -202,7 +205,12 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
     # The MLflow store (a fresh SQLite one migrates its schema: seconds of CPU) is set up while Ray starts.
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as setup:
         context = None if path else setup.submit(sweep_context, name, cfg, args, kind, extra_tags)
-        init_ray(args.address)
+        try:
+            init_ray(args.address)
+        except BaseException:  # no Ray: the parent run just created must not stay RUNNING
+            if context and context.exception() is None:
+                close_runs(context.result()["tracking_uri"], context.result(), "FAILED")
+            raise
         sweep = context.result() if context else None  # on a resume the context lives in the restored param space
     if args.address:
         import ray

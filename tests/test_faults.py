@@ -158,3 +158,20 @@ def test_unwritable_output_folders_are_refused_with_the_path(tmp_path, capsys):
     assert analysis_main(["--experiment", "tiny", "--out", str(blocker / "out")]) == 2
     assert f"cannot write the report to {blocker / 'out'}" in capsys.readouterr().err
     FAULT_SUMMARY.append("unwritable output folder   trials affected: 0  refused before start, path named  results lost: 0")
+
+
+def test_unreachable_ray_cluster_is_refused_and_leaves_no_running_run(tmp_path, capsys, monkeypatch):
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
+    uri = f"sqlite:///{tmp_path}/m/mlflow.db"
+    code = sweep.main(["--config", str(path), "--experiment", "tiny", "--address", "10.0.0.1:6379", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
+    assert code == 2 and "cannot reach a Ray cluster at --address 10.0.0.1:6379" in capsys.readouterr().err
+    _, (parent,) = runs_of(uri, "tiny", kind="sweep")
+    assert parent.info.status == "FAILED"
+    FAULT_SUMMARY.append("unreachable Ray cluster    trials affected: 0  refused with exit 2, parent run FAILED  results lost: 0")
