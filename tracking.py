@@ -261,7 +261,7 @@ class TrialRun:
         if not self.client:
             return
         if error is not None:
-            self.set_tags({"error": f"{type(error).__name__}: {error}"[:5000]})
+            self.set_tags({"error": f"{type(error).__name__}: {error}"})
         retry(lambda: self.client.set_terminated(self.run_id, status=status))
 
 

@@ -187,7 +187,7 @@ def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, st
     report = classification_report(probs, labels, bundle.classes, cfg.threshold)
     results = {metrics.TEST_LOSS: float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean()), **report["metrics"]}
     if cfg.robustness:
-        results.update(robustness(model, bundle, cfg, precision, device))
+        results.update(robustness(model, bundle, cfg, device))
     if run.client is None:
         return results
     run.log_metrics(results, step)
@@ -213,13 +213,12 @@ def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, st
     return results
 
 
-def robustness(model, bundle, cfg: TrialConfig, precision, device) -> dict[str, float]:
+def robustness(model, bundle, cfg: TrialConfig, device) -> dict[str, float]:
     """The corruption stress test on a class-balanced test subset, as metrics (mean accuracy over severities)."""
-    from analysis.corruptions import corruption_accuracy
+    from analysis.corruptions import balanced_subset, corruption_accuracy
 
     labels = bundle.test.y.cpu().numpy()
-    per_class = max(1, cfg.robustness_images // len(bundle.classes))
-    pos = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(bundle.classes))])
+    pos = balanced_subset(labels, len(bundle.classes), cfg.robustness_images)
     model.eval()
 
     @torch.inference_mode()

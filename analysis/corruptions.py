@@ -137,6 +137,12 @@ def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarra
     return CORRUPTIONS[name](x, severity, np.random.default_rng([seed, severity, sorted(CORRUPTIONS).index(name)]))
 
 
+def balanced_subset(labels: np.ndarray, num_classes: int, n_images: int) -> np.ndarray:
+    """Positions of the first ``n_images // num_classes`` test images of every class (at least one each)."""
+    per_class = max(1, n_images // num_classes)
+    return np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(num_classes)])
+
+
 def corruption_accuracy(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, list[float]]:
     """Accuracy per corruption at severities 1-5; ``predict`` maps uint8 images to class ids."""
     return {name: [float((predict(corrupt(x, name, s, seed)) == labels).mean()) for s in SEVERITIES] for name in sorted(CORRUPTIONS)}

@@ -223,8 +223,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
     for run in runs:
         x, mean, std = images.get(run)
         p = run.predictions
-        per_class = max(1, n_images // len(p.classes))
-        pos = np.concatenate([np.flatnonzero(p.labels == k)[:per_class] for k in range(len(p.classes))])
+        pos = corruptions.balanced_subset(p.labels, len(p.classes), n_images)
         model = load_model(run)
 
         def predict(batch: np.ndarray) -> np.ndarray:

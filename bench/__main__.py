@@ -136,10 +136,10 @@ def plain_trial(args: tuple[dict, int]) -> float:
 
 def sweep_timeline(uri: str, started: float) -> tuple[float, float]:
     """From the sweep's MLflow runs: seconds until the first trial run started, mean trial run seconds."""
-    import mlflow
+    import tracking
 
-    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("bench").experiment_id],
-                                                 "tags.`stresslab.kind` = 'trial'")
+    mlflow_client = tracking.client(uri)
+    runs = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("bench").experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial'")
     first = min(r.info.start_time for r in runs) / 1000 - started
     return first, float(np.mean([(r.info.end_time - r.info.start_time) / 1000 for r in runs]))
 

@@ -91,6 +91,13 @@ def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_
         shutil.copy(shot, os.environ["STRESSLAB_SCREENSHOT_DIR"])
 
 
+RACE_DATA = {"name": "synthetic", "root": "data", "subset": None, "split_seed": 0, "val_fraction": 0.2}
+
+
+def race_bundle():
+    return load_bundle({"name": "synthetic", "n_train": 40, "n_test": 20, "val_fraction": 0.2})
+
+
 def open_trial_runs(tmp_path, count: int) -> list[tracking.TrialRun]:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = tracking.client(uri)
@@ -101,8 +108,7 @@ def open_trial_runs(tmp_path, count: int) -> list[tracking.TrialRun]:
 def test_dataset_insert_lost_to_a_concurrent_trial_is_retried_and_linked(tmp_path, monkeypatch):
     """Two trials on the same data race to insert one dataset row; the loser gets SQLite's UNIQUE error."""
     winner, loser = open_trial_runs(tmp_path, 2)
-    data = {"name": "synthetic", "root": "data", "subset": None, "split_seed": 0, "val_fraction": 0.2}
-    bundle = load_bundle({"name": "synthetic", "n_train": 40, "n_test": 20, "val_fraction": 0.2})
+    data, bundle = RACE_DATA, race_bundle()
     real = loser.client.log_inputs
     calls = []
 
@@ -144,8 +150,7 @@ def test_concurrent_trials_on_the_same_data_all_log_it(tmp_path):
     import threading
 
     runs = open_trial_runs(tmp_path, 6)
-    data = {"name": "synthetic", "root": "data", "subset": None, "split_seed": 0, "val_fraction": 0.2}
-    bundle = load_bundle({"name": "synthetic", "n_train": 40, "n_test": 20, "val_fraction": 0.2})
+    data, bundle = RACE_DATA, race_bundle()
     start, errors = threading.Barrier(len(runs)), []
 
     def log(run):
