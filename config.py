@@ -70,7 +70,7 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule, stepped once per epoch, with optional linear warm-up."""
+    """Learning-rate schedule, stepped once per batch, with optional linear warm-up (milestones count epochs)."""
 
     name: str = "multistep"
     milestones: list[int] = field(default_factory=lambda: [25, 40])
@@ -146,6 +146,19 @@ class TrialConfig:
             out.append(("threshold", f"must be in (0, 1), got {self.threshold}"))
         if self.early_stopping.patience and self.early_stopping.metric.startswith("val/") and self.data.val_fraction == 0:
             out.append(("early_stopping.metric", f"{self.early_stopping.metric} needs a validation split (data.val_fraction > 0)"))
+        return out + self.schedule_problems()
+
+    def schedule_problems(self) -> list[tuple[str, str]]:
+        """Schedule settings that the number of epochs cannot honour (they would silently do nothing)."""
+        s, out = self.schedule, []
+        late = [m for m in s.milestones if not 0 < m < self.epochs]
+        if s.name == "multistep" and late:
+            out.append(("schedule.milestones", f"milestones {late} are not inside epochs 1..{self.epochs - 1} (epochs: {self.epochs}), so the lr "
+                                               f"would never drop there; set milestones below epochs, e.g. [{self.epochs // 2}, {self.epochs * 4 // 5}]"))
+        if s.warmup_epochs and s.warmup_epochs >= self.epochs:
+            out.append(("schedule.warmup_epochs", f"must be < epochs ({self.epochs}), got {s.warmup_epochs}"))
+        if s.name == "onecycle" and s.warmup_epochs:
+            out.append(("schedule.warmup_epochs", "onecycle has its own warm-up (30% of the steps); set warmup_epochs: 0"))
         return out
 
 
@@ -197,6 +210,7 @@ class ExperimentConfig(TrialConfig):
     mode: str = "max"
     max_failures: int = 0  # Ray restarts a crashed trial from its last checkpoint this many times
     max_concurrent_trials: Union[int, None] = None
+    search_seed: int = 0  # seeds the draws of {choice|uniform|loguniform} grid entries: every launch runs the same points
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
@@ -207,6 +221,9 @@ class ExperimentConfig(TrialConfig):
         known = metrics.EPOCH_METRICS + metrics.FINAL_METRICS
         if self.metric not in known:
             out.append(("metric", f"unknown metric {self.metric!r}; known: {', '.join(known)}"))
+        if self.scheduler.name == "asha" and self.scheduler.grace_period > self.epochs:
+            out.append(("scheduler.grace_period", f"asha's grace_period ({self.scheduler.grace_period}) must be <= epochs ({self.epochs}): "
+                                                  f"no trial could be compared before it ends"))
         if self.scheduler.name == "asha" and self.metric not in metrics.EPOCH_METRICS:
             out.append(("metric", f"asha compares trials every epoch, so metric must be an epoch metric ({', '.join(metrics.EPOCH_METRICS)}), got {self.metric!r}"))
         if self.max_failures < -1:

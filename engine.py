@@ -63,23 +63,43 @@ def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
 
 
-def lr_factor(s: ScheduleConfig, epochs: int, epoch: int) -> float:
-    """Multiplier of the base lr in ``epoch`` (0-based): linear warm-up, then the named schedule."""
-    if epoch < s.warmup_epochs:
-        return (epoch + 1) / (s.warmup_epochs + 1)
-    progress = (epoch - s.warmup_epochs) / max(1, epochs - s.warmup_epochs)
+def onecycle_factor(step: int, total: int, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4) -> float:
+    """OneCycle (Smith & Topin 2019) as ``torch.optim.lr_scheduler.OneCycleLR`` defines it, as a multiple of the
+    peak lr: cosine warm-up from peak/25 over the first 30% of the steps, cosine annealing to peak/25/1e4 at the last."""
+    start, low = 1 / div_factor, 1 / div_factor / final_div_factor
+    peak_step = pct_start * total - 1
+    if step <= peak_step:
+        begin, end, pct = start, 1.0, step / peak_step if peak_step > 0 else 1.0
+    else:
+        begin, end, pct = 1.0, low, (step - peak_step) / (total - 1 - peak_step)
+    return end + (begin - end) / 2 * (math.cos(math.pi * min(pct, 1.0)) + 1)
+
+
+def lr_factor(s: ScheduleConfig, epochs: int, steps_per_epoch: int, step: int) -> float:
+    """Multiplier of the base lr at optimiser ``step`` (0-based, stepped per batch): linear per-step warm-up, then
+    the named schedule (multistep by epoch, cosine and onecycle by step)."""
+    warmup, total = s.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
     factors = {
         "constant": lambda: 1.0,
-        "multistep": lambda: s.gamma ** sum(epoch >= m for m in s.milestones),
+        "multistep": lambda: s.gamma ** sum(step // steps_per_epoch >= m for m in s.milestones),
         "cosine": lambda: 0.5 * (1 + math.cos(math.pi * progress)),
-        "onecycle": lambda: 0.1 + 0.9 * progress / 0.3 if progress < 0.3 else max(0.01, (1 - progress) / 0.7),
+        "onecycle": lambda: onecycle_factor(step, total),
     }
     return factors[s.name]()
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-epoch schedule; its state_dict (last_epoch) resumes it."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg.schedule, cfg.epochs, e))
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch (the last batch may be short)."""
+    return max(1, math.ceil(n_train / batch_size))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, n_train: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule (``train_epoch`` steps it after every batch); its state_dict (last_epoch = steps) resumes it."""
+    per_epoch = steps_per_epoch(n_train, cfg.batch_size)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, cfg.epochs, per_epoch, step))
 
 
 @dataclass
@@ -104,8 +124,9 @@ def pick_precision(device: torch.device, amp: bool) -> Precision:
     return Precision(torch.float16, torch.amp.GradScaler("cuda"))
 
 
-def train_epoch(model, bundle: DataBundle, cfg: TrialConfig, optimizer, precision: Precision, gen, augmenter: Augmenter, device) -> dict[str, float]:
-    """One pass over the training split; returns loss, accuracy and throughput."""
+def train_epoch(model, bundle: DataBundle, cfg: TrialConfig, optimizer, precision: Precision, gen, augmenter: Augmenter, device,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
+    """One pass over the training split (the schedule stepped after every batch); returns loss, accuracy and throughput."""
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     loss_sum = torch.zeros((), device=device)
@@ -128,6 +149,8 @@ def train_epoch(model, bundle: DataBundle, cfg: TrialConfig, optimizer, precisio
             precision.scaler.update()
         else:
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         loss_sum += loss.detach() * len(y)  # stays on the device: no sync per step
         correct += (logits.argmax(1) == y).sum()
     seconds = time.perf_counter() - start

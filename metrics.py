@@ -15,13 +15,14 @@ TEST_PRECISION = "test/precision_macro"
 TEST_RECALL = "test/recall_macro"
 TEST_F1 = "test/f1_macro"
 TEST_CONFIDENT_ERRORS = "test/confident_errors"  # errors made with confidence > threshold
+TEST_EPOCH = "test/epoch"  # the epoch whose weights were tested: the best validation epoch under early stopping, else the last
 TEST_CLASS_ACC = "test/class_acc/{}"  # .format(class name)
 CORRUPTION_ACC = "robustness/{}"  # .format(corruption name): accuracy averaged over severities 1-5
 MEAN_CORRUPTION_ACC = "robustness/mean"
 ROBUSTNESS_FILE = "robustness.json"
 
 EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IMAGES_PER_SECOND)
-FINAL_METRICS = (TEST_LOSS, TEST_ACC, TEST_PRECISION, TEST_RECALL, TEST_F1, TEST_CONFIDENT_ERRORS)
+FINAL_METRICS = (TEST_LOSS, TEST_ACC, TEST_PRECISION, TEST_RECALL, TEST_F1, TEST_CONFIDENT_ERRORS, TEST_EPOCH)
 
 # Artifact names inside each MLflow run.
 PREDICTIONS_FILE = "predictions.npz"  # test probs/logits (N, C) float32, labels, preds, index; val_logits, val_labels

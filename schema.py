@@ -199,21 +199,6 @@ def _sample(spec: dict, rng) -> Any:
     return math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))
 
 
-def to_tune_space(grid: dict) -> dict[str, Any]:
-    """The grid as Ray Tune search-space objects, keyed by dotted setting path."""
-    from ray import tune
-
-    makers = {"choice": tune.choice, "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a)}
-    out = {}
-    for key, spec in grid.items():
-        if isinstance(spec, list):
-            out[key] = tune.grid_search(spec)
-        else:
-            kind, args = next(iter(spec.items()))
-            out[key] = makers[kind](args)
-    return out
-
-
 def apply_overrides(trial: dict, overrides: dict[str, Any]) -> dict:
     """A trial dict with each dotted ``overrides`` key set (one grid point)."""
     for key, value in overrides.items():
@@ -315,7 +300,7 @@ def resolve(path: str | Path, name: str | None = None, sets: list[str] | None = 
 def trial_configs(cfg: ExperimentConfig) -> list[TrialConfig]:
     """Every trial of a (validated) experiment, for dry runs and trial tables."""
     out = []
-    for point in expand_grid(cfg.grid, cfg.num_samples):
+    for point in expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed):
         problems: list[tuple[str, str]] = []
         out.append(build(TrialConfig, apply_overrides(cfg.trial_dict(), point), "", problems))
     return out

@@ -20,14 +20,14 @@ from pathlib import Path
 import metrics
 import tracking
 from config import ExperimentConfig
-from schema import ConfigError, InputError, as_dict, resolve, to_tune_space, trial_configs
+from schema import ConfigError, InputError, as_dict, expand_grid, resolve, trial_configs
 
 RESULTS_DIR = tracking.PROJECT_ROOT / "ray_results"
 EPILOG = """examples:
   python sweep.py --config experiments.yaml --experiment quick --set data.name=imagefolder --set data.root=../shared/cifar10-jpeg
   python sweep.py --experiment cifar10-stress --dry-run
   python sweep.py --experiment quick --resume
-  python sweep.py --experiment quick --rerun-best --metric test/acc
+  python sweep.py --experiment quick --rerun-best
   python sweep.py --experiment quick --register-best quick-best
   python sweep.py --experiment cifar10-stress --address auto --tracking-uri http://127.0.0.1:5000
 
@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted launch of this experiment")
     p.add_argument("--rerun-best", action="store_true", help="rerun the best finished trial of the experiment with exactly its config")
     p.add_argument("--register-best", metavar="NAME", help="register the best finished run's model in the MLflow Model Registry as NAME")
-    p.add_argument("--metric", default=metrics.TEST_ACC, help=f"metric that picks the best run for --rerun-best/--register-best (default: {metrics.TEST_ACC})")
+    p.add_argument("--metric", help="metric that picks the best run for --rerun-best/--register-best (default: the experiment's own metric, "
+                                    "val/acc; a test/... metric selects on the test set and prints a warning)")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://head:10001)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
     p.add_argument("--storage", default=str(RESULTS_DIR), help=f"Ray results folder; shared storage on a cluster (default: {RESULTS_DIR})")
@@ -152,11 +153,13 @@ def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
         scheduler = ASHAScheduler(metric=cfg.metric, mode=cfg.mode, max_t=cfg.epochs, grace_period=cfg.scheduler.grace_period,
                                   reduction_factor=cfg.scheduler.reduction_factor)
     resources = {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}
-    param_space = {"trial": cfg.trial_dict(), "overrides": to_tune_space(cfg.grid), "sweep": sweep}
+    # The grid is expanded here, random draws seeded by search_seed, so every launch (and --dry-run) has exactly these points.
+    points = expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed)
+    param_space = {"trial": cfg.trial_dict(), "overrides": tune.grid_search(points), "sweep": sweep}
     return tune.Tuner(
         tune.with_resources(trainable.train, resources),
         param_space=param_space,
-        tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
+        tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler, max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=sweep["sweep_id"], storage_path=storage,
@@ -287,9 +290,13 @@ def best_run(uri: str, name: str, metric: str, mode: str):
     return runs[runs[column].notna()].iloc[0]
 
 
-def metric_mode(cfg: ExperimentConfig, metric: str) -> str:
-    """Whether larger is better for ``metric``."""
-    return cfg.mode if metric == cfg.metric else ("min" if "loss" in metric or "errors" in metric else "max")
+def selection(cfg: ExperimentConfig, metric: str | None) -> tuple[str, str]:
+    """(metric, mode) that picks the best run: the experiment's own unless ``--metric`` names another; warns on test-set selection."""
+    metric = metric or cfg.metric
+    if metric.startswith("test/"):
+        print(f"warning: selecting the best run by {metric} is selection on the test set: its test metrics are then optimistically "
+              f"biased and no longer an unbiased estimate; select by {cfg.metric} (the default) for a claim about unseen data", file=sys.stderr)
+    return metric, cfg.mode if metric == cfg.metric else ("min" if "loss" in metric or "errors" in metric else "max")
 
 
 def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> int:
@@ -297,15 +304,17 @@ def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) ->
     import mlflow
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    best = best_run(uri, name, args.metric, metric_mode(cfg, args.metric))
+    metric, mode = selection(cfg, args.metric)
+    best = best_run(uri, name, metric, mode)
     mlflow.set_tracking_uri(uri)
-    value = float(best[f"metrics.{args.metric}"])
-    tags = {"run_id": best.run_id, "metric": args.metric, "metric_value": repr(value), "experiment": name,
+    value = float(best[f"metrics.{metric}"])
+    tags = {"run_id": best.run_id, "selected_by": metric, "selection_mode": mode, "metric": metric, "metric_value": repr(value),
+            "test_set_selection": str(metric.startswith("test/")).lower(), "experiment": name,
             "sweep_id": best.get(f"tags.{tracking.SWEEP_TAG}"), "run_name": best["tags.mlflow.runName"]}
     version = mlflow.register_model(f"runs:/{best.run_id}/model", args.register_best, tags=tags)
     mlflow.MlflowClient(uri).update_model_version(args.register_best, version.version,
-                                                  description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}: {args.metric} = {value:.4f}")
-    print(f"registered {args.register_best} version {version.version}: run {best.run_id} ({best['tags.mlflow.runName']}), {args.metric} = {value:.4f}")
+                                                  description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
+    print(f"registered {args.register_best} version {version.version}: run {best.run_id} ({best['tags.mlflow.runName']}), selected by {metric} = {value:.4f}")
     return 0
 
 
@@ -318,18 +327,19 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> in
     from schema import build
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    best = best_run(uri, name, args.metric, metric_mode(cfg, args.metric))
+    metric, mode = selection(cfg, args.metric)
+    best = best_run(uri, name, metric, mode)
     path = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=metrics.CONFIG_FILE, tracking_uri=uri)
     problems: list = []
     trial = build(TrialConfig, yaml.safe_load(Path(path).read_text()), "", problems)
     if problems:
         raise InputError(f"the logged config of run {best.run_id} no longer validates: {problems}")
     rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
-    print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), {args.metric} = {best[f'metrics.{args.metric}']:.4f}")
+    print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), selected by {metric} = {best[f'metrics.{metric}']:.4f}")
     code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
     new = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'", order_by=["attributes.start_time DESC"]).iloc[0]
     print(f"\n{'metric':<26}{'original':>12}{'rerun':>12}")
-    for key in (args.metric, *metrics.FINAL_METRICS):
+    for key in dict.fromkeys((metric, *metrics.FINAL_METRICS)):
         a, b = best.get(f"metrics.{key}"), new.get(f"metrics.{key}")
         print(f"{key:<26}{a:>12.4f}{b:>12.4f}" if a == a and b == b and a is not None and b is not None else f"{key:<26}{a!s:>12}{b!s:>12}")
     print(f"original run {best.run_id}, rerun {new.run_id}")

@@ -23,7 +23,7 @@ import yaml
 import metrics
 from config import EarlyStoppingConfig, TrialConfig
 from data_zoo import Augmenter, load_bundle
-from engine import (build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate, pick_device,
+from engine import (Precision, build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate, pick_device,
                     pick_precision, predict, seed_everything, train_epoch)
 from model_zoo import create_model
 from schema import apply_overrides, build
@@ -42,15 +42,19 @@ class EarlyStopper:
 
     def __init__(self, cfg: EarlyStoppingConfig, state: dict | None = None):
         self.cfg = cfg
-        self.best, self.bad_epochs = (state["best"], state["bad_epochs"]) if state else (None, 0)
+        self.best, self.bad_epochs, self.improved = (state["best"], state["bad_epochs"], False) if state else (None, 0, False)
+
+    @property
+    def active(self) -> bool:
+        return self.cfg.patience is not None
 
     def update(self, values: dict[str, float]) -> bool:
-        """Record this epoch; True when patience is exhausted."""
-        if self.cfg.patience is None or self.cfg.metric not in values:
+        """Record this epoch (``improved`` says whether it is the best so far); True when patience is exhausted."""
+        if not self.active or self.cfg.metric not in values:
             return False
         value = values[self.cfg.metric]
-        better = self.best is None or (value > self.best if self.cfg.mode == "max" else value < self.best)
-        self.best, self.bad_epochs = (value, 0) if better else (self.best, self.bad_epochs + 1)
+        self.improved = self.best is None or (value > self.best if self.cfg.mode == "max" else value < self.best)
+        self.best, self.bad_epochs = (value, 0) if self.improved else (self.best, self.bad_epochs + 1)
         return self.bad_epochs >= self.cfg.patience
 
     def state_dict(self) -> dict:
@@ -137,8 +141,9 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
     if cfg.channels_last:  # faster on CUDA and, for the small CNNs, on CPU too
         model = model.to(memory_format=torch.channels_last)
     optimizer, precision = build_optimizer(model, cfg), pick_precision(device, cfg.amp)
-    scheduler = build_scheduler(optimizer, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(bundle.train))
     stopper, start_epoch = EarlyStopper(cfg.early_stopping, state and state["stopper"]), 0
+    best: dict = {}  # with early stopping: the weights and epoch of the best validation epoch so far
 
     # 4. Resume: weights, optimiser, schedule, scaler and RNG exactly where the checkpoint left them.
     if state:
@@ -149,27 +154,31 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
             precision.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_epoch = state["epoch"]
+        best = {k: state[k] for k in ("best_model", "best_epoch") if k in state}
     step_model = torch.compile(model) if cfg.compile else model
 
-    # 5. Epochs: train, validate, log to MLflow, report to Tune with a checkpoint.
+    # 5. Epochs: train (the lr schedule steps per batch), validate, log to MLflow, report to Tune with a checkpoint.
     values: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs):
         lr = optimizer.param_groups[0]["lr"]
-        values = train_epoch(step_model, bundle, cfg, optimizer, precision, epoch_generator(cfg.seed, epoch), augmenter, device)
+        values = train_epoch(step_model, bundle, cfg, optimizer, precision, epoch_generator(cfg.seed, epoch), augmenter, device, scheduler)
         if not math.isfinite(values[metrics.TRAIN_LOSS]):
             raise DivergedError(f"training loss is {values[metrics.TRAIN_LOSS]} at epoch {epoch + 1} (lr {lr:g}); lower optimizer.lr or set grad_clip")
         if bundle.val is not None:
             values.update(evaluate(step_model, bundle, bundle.val, cfg, precision, device, "val"))
         values.update({metrics.LR: lr, metrics.EPOCH: epoch + 1})
-        scheduler.step()
         last = stopper.update(values) or epoch + 1 == cfg.epochs
+        if stopper.improved:
+            best = {"best_model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "best_epoch": epoch + 1}
         run.log_epoch(values, epoch + 1)
-        if last:  # 6. The test set, once, at the end.
-            values.update(finish(model, bundle, cfg, precision, device, run, epoch + 1))
+        if last:  # 6. The test set, once, at the end: with early stopping, with the weights of the best validation epoch.
+            if best:
+                model.load_state_dict(best["best_model"])
+            values.update(finish(model, bundle, cfg, device, run, epoch + 1, best.get("best_epoch", epoch + 1)))
         checkpoint_state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": precision.scaler.state_dict() if precision.scaler else {}, "rng": torch.get_rng_state(),
-            "epoch": epoch + 1, "stopper": stopper.state_dict(), "mlflow_run_id": run.run_id or "",
+            "epoch": epoch + 1, "stopper": stopper.state_dict(), "mlflow_run_id": run.run_id or "", **best,
         }
         report(values, checkpoint_state)
         if last:
@@ -177,15 +186,19 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
     return values
 
 
-def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, step: int) -> dict[str, float]:
-    """Test metrics, and the artifacts analysis needs: weights, predictions, config, figures."""
-    from analysis.plots import plot_confusion, plot_curves
+def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, test_epoch: int) -> dict[str, float]:
+    """Test metrics, and the artifacts analysis needs: weights, predictions, config, figures.
 
+    Evaluated in fp32 (no autocast) on every device, so the logged logits, the pt2 model and Grad-CAM agree."""
+    from plots import plot_confusion, plot_curves
+
+    precision = Precision(None, None)
     logits, index = predict(model, bundle, bundle.test, cfg.eval_batch_size, precision, device)
     probs = torch.softmax(logits, 1).cpu().numpy()
     labels = bundle.test.y.cpu().numpy()
     report = classification_report(probs, labels, bundle.classes, cfg.threshold)
-    results = {metrics.TEST_LOSS: float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean()), **report["metrics"]}
+    results = {metrics.TEST_LOSS: float(torch.nn.functional.cross_entropy(logits, bundle.test.y).item()), **report["metrics"],
+               metrics.TEST_EPOCH: test_epoch}
     if cfg.robustness:
         results.update(robustness(model, bundle, cfg, device))
     if run.client is None:
@@ -215,7 +228,7 @@ def finish(model, bundle, cfg: TrialConfig, precision, device, run: TrialRun, st
 
 def robustness(model, bundle, cfg: TrialConfig, device) -> dict[str, float]:
     """The corruption stress test on a class-balanced test subset, as metrics (mean accuracy over severities)."""
-    from analysis.corruptions import balanced_subset, corruption_accuracy
+    from corruptions import balanced_subset, corruption_accuracy
 
     labels = bundle.test.y.cpu().numpy()
     pos = balanced_subset(labels, len(bundle.classes), cfg.robustness_images)

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", default=",".join(GALLERY_CLASSES), help="classes of the Grad-CAM gallery (default: %(default)s)")
     p.add_argument("--max-cams", type=int, default=200, help="failures per run explained with Grad-CAM (default 200)")
     p.add_argument("--corruption-images", type=int, default=1000, help="class-balanced test images for the corruption stress test (0: skip)")
+    p.add_argument("--road-images", type=int, default=64, help="seeded test images per run on which Grad-CAM's ROAD faithfulness is measured, "
+                                                               "beside a random map's and a centred blob's (default 64)")
     p.add_argument("--sweep", default="latest", help="which launch: latest (default), all, or a sweep id")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
     p.add_argument("--no-log", action="store_true", help="do not log the report back to MLflow")
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
-                     args.corruption_images)
+                     args.corruption_images, args.road_images)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

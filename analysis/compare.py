@@ -26,11 +26,8 @@ def pair_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tuple[s
     if variant[0] != key:
         raise InputError(f"--baseline and --variant must select the same setting, got {baseline[0]!r} and {variant[0]!r}")
 
-    def identity(run: RunRecord) -> tuple:
-        return tuple(sorted((k, v) for k, v in run.params.items() if k != key and k not in IGNORED_PARAMS))
-
-    base = {identity(r): r for r in runs if r.params.get(key) == baseline[1]}
-    pairs = [(base[identity(r)], r) for r in runs if r.params.get(key) == variant[1] and identity(r) in base]
+    base = {identity(r, key): r for r in runs if r.params.get(key) == baseline[1]}
+    pairs = [(base[identity(r, key)], r) for r in runs if r.params.get(key) == variant[1] and identity(r, key) in base]
     return sorted(pairs, key=lambda p: p[0].name)
 
 
@@ -55,18 +52,53 @@ def transitions(base: Predictions, variant: Predictions, threshold: float) -> Tr
 
 
 def mcnemar(base_correct: np.ndarray, variant_correct: np.ndarray) -> dict[str, float]:
-    """McNemar's test on paired predictions: b = only baseline right, c = only variant right.
+    """McNemar's test on paired predictions (statsmodels): b = only the baseline right, c = only the variant right.
 
-    Chi-squared with continuity correction, (|b - c| - 1)^2 / (b + c); the p-value is the exact
-    two-sided binomial one when b + c < 25, where the chi-squared approximation is poor.
-    """
+    The exact binomial test when b + c < 25, where the chi-squared approximation is poor; else chi-squared with
+    the continuity correction."""
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
     b = int((base_correct & ~variant_correct).sum())
     c = int((~base_correct & variant_correct).sum())
     if b + c == 0:
-        return {"b": 0, "c": 0, "statistic": 0.0, "p_value": 1.0}
-    statistic = (abs(b - c) - 1) ** 2 / (b + c)
-    p = stats.binomtest(b, b + c, 0.5).pvalue if b + c < 25 else stats.chi2.sf(statistic, 1)
-    return {"b": b, "c": c, "statistic": float(statistic), "p_value": float(p)}
+        return {"b": 0, "c": 0, "test": "none (no discordant pairs)", "statistic": 0.0, "p_value": 1.0}
+    both, neither = int((base_correct & variant_correct).sum()), int((~base_correct & ~variant_correct).sum())
+    exact = b + c < 25
+    result = sm_mcnemar([[both, b], [c, neither]], exact=exact, correction=True)
+    return {"b": b, "c": c, "test": "exact binomial" if exact else "chi2, continuity-corrected", "statistic": float(result.statistic),
+            "p_value": float(result.pvalue)}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (statsmodels), in the given order: a family of pairs, no vote counting."""
+    from statsmodels.stats.multitest import multipletests
+
+    return [float(p) for p in multipletests(p_values, method="holm")[1]] if p_values else []
+
+
+def identity(run: RunRecord, *ignored: str) -> tuple:
+    """The run's settings but ``ignored`` ones (and where/how fast it ran): runs equal on it differ only there."""
+    return tuple(sorted((k, v) for k, v in run.params.items() if k not in ignored and k not in IGNORED_PARAMS))
+
+
+def seed_churn(runs: list[RunRecord], threshold: float) -> dict | None:
+    """Fixed/introduced confident failures between seeds of one configuration: the churn no change causes.
+
+    Over every ordered pair (seed a -> seed b) of runs equal in all settings but the seed; None with fewer than two seeds."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(identity(run, "seed"), []).append(run)
+    fixed, new = [], []
+    for members in groups.values():
+        for a in members:
+            for b in members:
+                if a is not b:
+                    t = transitions(a.predictions, b.predictions, threshold)
+                    fixed.append(len(t.fixed))
+                    new.append(len(t.new))
+    if not fixed:
+        return None
+    return {"pairs": len(fixed), "fixed": mean_std(fixed), "new": mean_std(new)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -98,3 +130,22 @@ def per_class_table(pairs: list[tuple[RunRecord, RunRecord]]) -> list[dict]:
         delta = [v - b for b, v in zip(base, var)]
         rows.append({"class": name, "baseline": mean_std(base), "variant": mean_std(var), "delta": mean_std(delta), "delta_ci95": interval95(delta)})
     return rows
+
+
+def beyond_churn(change: dict, churn: dict | None) -> bool | None:
+    """Whether a change's mean fixed or introduced count per pair lies outside the seed churn's mean ± 2 std."""
+    if churn is None:
+        return None
+    return any(abs(change[k][0] - churn[k][0]) > 2 * churn[k][1] for k in ("fixed", "new"))
+
+
+def stratum(name: str, rows: list[dict], churn: dict | None) -> dict:
+    """One architecture's (or the pooled) summary of a change: accuracy delta and interval, fixed/new per pair, churn."""
+    deltas = [r["variant_acc"] - r["baseline_acc"] for r in rows]
+    out = {"stratum": name, "pairs": len(rows), "delta": mean_std(deltas), "delta_ci95": interval95(deltas),
+           "fixed": mean_std([len(r["fixed"]) for r in rows]), "new": mean_std([len(r["new"]) for r in rows]), "churn": churn}
+    low, high = out["delta_ci95"]
+    out["verdict"] = ("a single pair, so no interval" if len(rows) < 2 else "an improvement" if low > 0 else "a degradation" if high < 0
+                      else "not distinguishable from seed noise")
+    out["beyond_churn"] = beyond_churn(out, churn)
+    return out

@@ -44,12 +44,25 @@ def confusion_pairs(failures: list[dict]) -> list[tuple[str, str, int]]:
 
 
 def border_fraction(cams: np.ndarray, centre: int = CENTRE) -> np.ndarray:
-    """Share of each CAM's mass outside the central ``centre`` x ``centre`` square."""
+    """Share of each CAM's mass outside the central ``centre`` x ``centre`` square (NaN for an all-zero map, which
+    points nowhere: Grad-CAM gives one when no activation raises the class score)."""
     h, w = cams.shape[-2:]
     top, left = (h - centre) // 2, (w - centre) // 2
-    total = cams.sum(axis=(-2, -1)) + 1e-12
+    total = cams.sum(axis=(-2, -1))
     inner = cams[..., top : top + centre, left : left + centre].sum(axis=(-2, -1))
-    return 1 - inner / total
+    return np.divide(total - inner, total, out=np.full(total.shape, np.nan), where=total > 0)
+
+
+def nearer_colour(colours: np.ndarray, class_colours: np.ndarray, own: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Whether each image's mean colour is nearer class ``other``'s mean colour than its own class's."""
+    return np.linalg.norm(colours - class_colours[other], axis=1) < np.linalg.norm(colours - class_colours[own], axis=1)
+
+
+def colour_chance(colours: np.ndarray, labels: np.ndarray, class_colours: np.ndarray) -> float:
+    """The share a random image and a random wrong class give: image colour nearer that class's mean than its own's."""
+    k = len(class_colours)
+    hits = [nearer_colour(colours, class_colours, labels, np.full_like(labels, j))[labels != j].mean() for j in range(k)]
+    return float(np.mean(hits))
 
 
 def mean_colours(images: np.ndarray) -> np.ndarray:
@@ -67,9 +80,13 @@ class Category:
 
 
 def categorize(failures: list[dict], n_classes: int, cam_border: dict[int, float] | None = None,
-               colours: np.ndarray | None = None, class_colours: np.ndarray | None = None) -> list[Category]:
-    """Group failures by measured cues: dominant confusion pairs, context reliance, colour match, ignored truth."""
-    n = len(failures)
+               colours: np.ndarray | None = None, class_colours: np.ndarray | None = None, chance: dict[str, float] | None = None) -> list[Category]:
+    """Group failures by measured cues: dominant confusion pairs, context reliance, colour match, ignored truth.
+
+    Each category states its chance baseline: ``chance`` holds the same cue measured on reference images (border:
+    the share of Grad-CAMs of randomly drawn test images over the uniform share; colour: a random image against a
+    random wrong class; ruled_out: the share among all of the run's errors)."""
+    n, chance = len(failures), chance or {}
     if not n:
         return []
     out = []
@@ -80,18 +97,23 @@ def categorize(failures: list[dict], n_classes: int, cam_border: dict[int, float
             out.append(Category(f"confusion {true} -> {predicted}", f"{count} of {n} failures ({count / n:.0%}); "
                                 f"{expected:.1f} expected if errors spread evenly over class pairs", ids))
     if cam_border:
-        ids = [f["test_index"] for f in failures if cam_border.get(f["test_index"], 0) > UNIFORM_BORDER]
-        values = [cam_border[f["test_index"]] for f in failures if f["test_index"] in cam_border]
+        values = {i: v for i, v in cam_border.items() if v == v}  # NaN: an all-zero map, counted apart
+        ids = [f["test_index"] for f in failures if values.get(f["test_index"], 0) > UNIFORM_BORDER]
         if ids:
-            out.append(Category("context / background reliance", f"{len(ids)} of {len(values)} explained failures put more Grad-CAM mass on the border "
-                                f"than a uniform map would ({UNIFORM_BORDER:.0%}); mean border share {np.mean(values):.0%}", ids))
+            zero = len(cam_border) - len(values)
+            base = f"; chance: {chance['border']:.0%} of the Grad-CAMs of randomly drawn test images do" if "border" in chance else ""
+            out.append(Category("context / background reliance", f"{len(ids)} of {len(values)} explained failures ({len(ids) / len(values):.0%}) put more "
+                                f"Grad-CAM mass on the border than a uniform map would ({UNIFORM_BORDER:.0%}){base}; mean border share "
+                                f"{np.mean(list(values.values())):.0%}" + (f"; {zero} all-zero maps not counted" if zero else ""), ids))
     if colours is not None and class_colours is not None:
-        ids = [f["test_index"] for i, f in enumerate(failures)
-               if np.linalg.norm(colours[i] - class_colours[f["predicted_label"]]) < np.linalg.norm(colours[i] - class_colours[f["true_label"]])]
+        own, other = np.array([f["true_label"] for f in failures]), np.array([f["predicted_label"] for f in failures])
+        ids = [f["test_index"] for f, hit in zip(failures, nearer_colour(colours, class_colours, own, other)) if hit]
         if ids:
-            out.append(Category("colour closer to the predicted class", f"{len(ids)} of {n} failures have a mean colour nearer the predicted "
-                                f"class's mean test image colour than their own class's", ids))
+            base = f"; chance: {chance['colour']:.0%} for a random image and a random wrong class" if "colour" in chance else ""
+            out.append(Category("colour closer to the predicted class", f"{len(ids)} of {n} failures ({len(ids) / n:.0%}) have a mean colour nearer the "
+                                f"predicted class's mean test image colour than their own class's{base}", ids))
     ignored = [f["test_index"] for f in failures if f["true_class_prob"] < 0.01]
     if ignored:
-        out.append(Category("true class all but ruled out", f"{len(ignored)} of {n} failures give the true class < 1% probability", ignored))
+        base = f"; {chance['ruled_out']:.0%} of all of the run's errors do" if "ruled_out" in chance else ""
+        out.append(Category("true class all but ruled out", f"{len(ignored)} of {n} failures ({len(ignored) / n:.0%}) give the true class < 1% probability{base}", ignored))
     return out

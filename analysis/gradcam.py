@@ -35,10 +35,11 @@ def compute_cams(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, class
     return np.concatenate(out) if out else np.zeros((0, *inputs.shape[-2:]), np.float32)
 
 
-def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """ROAD score per CAM (Rong et al., ICML 2022, as shipped by pytorch-grad-cam): the softmax drop from
-    removing the least relevant pixels minus that from removing the most relevant, halved. Positive means
-    the map points at what the model uses; near zero or negative means the heat map is not to be trusted."""
+def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: np.ndarray, classes: Sequence[int], seed: int = 0) -> np.ndarray:
+    """ROAD score per map (Rong et al., ICML 2022, pytorch-grad-cam's ``ROADCombined``, percentiles 20-80): the change
+    of the class's softmax when the least relevant pixels are imputed away minus its change when the most relevant are,
+    halved, i.e. (drop under most-relevant-first - drop under least-relevant-first) / 2. Positive means the map points
+    at what the model uses. The imputation noise is seeded, so the same inputs give the same scores."""
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
@@ -46,7 +47,16 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: np.ndarray, class
         return np.zeros(0)
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
     device = next(model.parameters()).device
-    return np.asarray(ROADCombined(percentiles=[20, 40, 60, 80])(inputs.to(device), cams, targets, model), dtype=float).reshape(-1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return np.asarray(ROADCombined(percentiles=[20, 40, 60, 80])(inputs.to(device), cams, targets, model), dtype=float).reshape(-1)
+
+
+def reference_maps(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Maps that know nothing of the model, the scale for a ROAD score: seeded uniform noise and a centred Gaussian blob."""
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    blob = np.exp(-(xx**2 + yy**2) / (2 * (size / 4) ** 2)).astype(np.float32)
+    return {"random map": np.random.default_rng(seed).random((n, size, size)).astype(np.float32), "centred blob": np.repeat(blob[None], n, 0)}
 
 
 def layer_resolution(model: nn.Module, layer: nn.Module, size: int = 32) -> tuple[int, int]:

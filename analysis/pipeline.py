@@ -16,7 +16,9 @@ import numpy as np
 import yaml
 
 import metrics
-from analysis import calibration, compare, corruptions, failures as fail, gradcam, persistent, plots
+import corruptions
+import plots
+from analysis import calibration, compare, failures as fail, gradcam, persistent
 from analysis.runs import RunRecord, find_runs, load_model, test_images
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
@@ -31,7 +33,7 @@ class RunAnalysis:
     categories: list[fail.Category]
     layer: str
     resolution: tuple[int, int]
-    road: float | None = None  # mean ROAD faithfulness of the Grad-CAMs shown
+    road: dict[str, float] = field(default_factory=dict)  # mean ROAD of Grad-CAM and of the reference maps, on the same images
     figures: dict[str, Path] = field(default_factory=dict)
 
 
@@ -42,7 +44,8 @@ class Comparison:
     baseline: str
     variant: str
     pairs: list[dict]
-    per_class: list[dict]
+    per_class: list[dict]  # pooled over every pair
+    strata: list[dict] = field(default_factory=list)  # per architecture (then pooled, marked): interval, fixed/new, seed churn
     figures: dict[str, Path] = field(default_factory=dict)
 
 
@@ -63,7 +66,26 @@ class ImageCache:
         return self._cache[key]
 
 
-def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float, layer: str | None, max_cams: int) -> RunAnalysis:
+def road_positions(n_test: int, n_images: int, seed: int = 0) -> np.ndarray:
+    """The test positions ROAD is measured on: a seeded draw, the same for every run on the same data."""
+    return np.sort(np.random.default_rng(seed).choice(n_test, min(n_images, n_test), replace=False))
+
+
+def road_step(model, target, x: np.ndarray, mean, std, pred, n_images: int) -> tuple[dict[str, float], np.ndarray]:
+    """Mean ROAD of the predicted-class Grad-CAM and of the reference maps on ``n_images`` seeded test images; also
+    the Grad-CAM border shares there (the chance baseline of the context category)."""
+    pos = road_positions(len(pred.labels), n_images)
+    if not len(pos):
+        return {}, np.zeros(0)
+    inputs, classes = gradcam.normalise(x[pos], mean, std), pred.preds[pos]
+    cams = gradcam.compute_cams(model, target, inputs, classes)
+    maps = {"Grad-CAM": cams, **gradcam.reference_maps(len(pos), cams.shape[-1])}
+    road = {name: float(gradcam.faithfulness(model, inputs, m, classes).mean()) for name, m in maps.items()}
+    return road | {"images": len(pos)}, fail.border_fraction(cams)
+
+
+def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float, layer: str | None, max_cams: int,
+                road_images: int = 64) -> RunAnalysis:
     """Failures, Grad-CAM and categories of one run; writes failures.json and its figures."""
     from model_zoo import gradcam_target
 
@@ -80,20 +102,26 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
     cams_true = gradcam.compute_cams(model, target, inputs, [f["true_label"] for f in explained])
     border = dict(zip((f["test_index"] for f in explained), fail.border_fraction(cams_pred).tolist()))
     shown = min(8, len(explained))
-    road = gradcam.faithfulness(model, inputs[:shown], cams_pred[:shown], [f["predicted_label"] for f in explained[:shown]])
-    class_colours = np.stack([fail.mean_colours(x[pred.labels == k]).mean(0) for k in range(len(pred.classes))])
-    colours = fail.mean_colours(x[[f["position"] for f in found]]) if found else None
-    categories = fail.categorize(found, len(pred.classes), border, colours, class_colours)
+    road, reference_border = road_step(model, target, x, mean, std, pred, road_images)
+    scores = gradcam.faithfulness(model, inputs[:shown], cams_pred[:shown], [f["predicted_label"] for f in explained[:shown]])
+    image_colours = fail.mean_colours(x)
+    class_colours = np.stack([image_colours[pred.labels == k].mean(0) for k in range(len(pred.classes))])
+    chance = {"colour": fail.colour_chance(image_colours, pred.labels, class_colours),
+              "ruled_out": float((pred.probs[~pred.correct, pred.labels[~pred.correct]] < 0.01).mean()) if (~pred.correct).any() else 0.0}
+    if np.isfinite(reference_border).any():
+        chance["border"] = float((reference_border[np.isfinite(reference_border)] > fail.UNIFORM_BORDER).mean())
+    colours = image_colours[[f["position"] for f in found]] if found else None
+    categories = fail.categorize(found, len(pred.classes), border, colours, class_colours, chance)
     for f in explained:
-        f["cam_border_share"] = round(border[f["test_index"]], 4)
-    for f, score in zip(explained, road):
+        f["cam_border_share"] = None if border[f["test_index"]] != border[f["test_index"]] else round(border[f["test_index"]], 4)
+    for f, score in zip(explained, scores):
         f["road_score"] = round(float(score), 4)
-    result = RunAnalysis(run, found, categories, layer_name, gradcam.layer_resolution(model, target), road=float(road.mean()) if len(road) else None)
+    result = RunAnalysis(run, found, categories, layer_name, gradcam.layer_resolution(model, target), road=road)
     folder = out / "runs" / run.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failures.json").write_text(json.dumps({
         "run_id": run.run_id, "run_name": run.name, "threshold": threshold, "count": len(found),
-        "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution),
+        "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution), "road": road, "chance": chance,
         "categories": [asdict(c) for c in categories], "failures": found}, indent=1))
     titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:24]]
     road_titles = [t + (f" ROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
@@ -143,10 +171,13 @@ def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tupl
     for base, var in pairs:
         t = compare.transitions(base.predictions, var.predictions, threshold)
         rows.append({"baseline": base.name, "variant": var.name, "baseline_run_id": base.run_id, "variant_run_id": var.run_id,
-                     "baseline_acc": float(base.predictions.correct.mean()), "variant_acc": float(var.predictions.correct.mean()),
-                     "fixed": t.fixed, "still": t.still, "new": t.new,
+                     "arch": base.params.get("arch", "?"), "baseline_acc": float(base.predictions.correct.mean()),
+                     "variant_acc": float(var.predictions.correct.mean()), "fixed": t.fixed, "still": t.still, "new": t.new,
                      "mcnemar": compare.mcnemar(base.predictions.correct, var.predictions.correct)})
-    result = Comparison(f"{baseline[0]}={baseline[1]}", f"{variant[0]}={variant[1]}", rows, compare.per_class_table(pairs))
+    for row, p_holm in zip(rows, compare.holm([r["mcnemar"]["p_value"] for r in rows])):
+        row["mcnemar"]["p_holm"] = p_holm
+    result = Comparison(f"{baseline[0]}={baseline[1]}", f"{variant[0]}={variant[1]}", rows, compare.per_class_table(pairs),
+                        change_strata(runs, rows, baseline, threshold))
     folder = out / "compare" / f"{baseline[1]}_vs_{variant[1]}"
     base, var = pairs[0]
     shown = (rows[0]["fixed"][:4] + rows[0]["new"][:4])
@@ -167,6 +198,21 @@ def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tupl
     result.figures["per_class_delta"] = plots.plot_bars({label: deltas}, folder / "per_class_delta.png", f"per-class accuracy change ({label})", "delta")
     (folder / "comparison.json").write_text(json.dumps(asdict(result), indent=1, default=str))
     return result
+
+
+def change_strata(runs: list[RunRecord], rows: list[dict], baseline: tuple[str, str], threshold: float) -> list[dict]:
+    """The change per architecture (an augmentation on plain_cnn and on resnet18 are different experiments), each beside
+    the seed churn of its baseline runs; then the pooled figure, marked as such, when there are several architectures."""
+    key, value = baseline
+    archs = sorted({r["arch"] for r in rows}) if key != "arch" else []
+    out = []
+    for arch in archs:
+        base_runs = [r for r in runs if r.params.get(key) == value and r.params.get("arch") == arch]
+        out.append(compare.stratum(arch, [r for r in rows if r["arch"] == arch], compare.seed_churn(base_runs, threshold)))
+    if len(out) != 1:
+        base_runs = [r for r in runs if r.params.get(key) == value]
+        out.append(compare.stratum("pooled over architectures" if archs else "all pairs", rows, compare.seed_churn(base_runs, threshold)))
+    return out
 
 
 def sweep_figures(analyses: list[RunAnalysis], out: Path) -> dict[str, Path]:
@@ -219,18 +265,22 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
 
     if n_images <= 0:
         return None
-    results = {}
+    results, generated = {}, {}
     for run in runs:
         x, mean, std = images.get(run)
         p = run.predictions
-        pos = corruptions.balanced_subset(p.labels, len(p.classes), n_images)
+        pos = corruptions.balanced_subset(p.labels, len(p.classes), n_images)  # the same definition the trials use
+        key = (id(x), pos.tobytes())
+        if key not in generated:  # corrupted once per data set and subset, reused by every run on it
+            generated[key] = list(corruptions.corrupted_sets(x[pos]))
         model = load_model(run)
 
         def predict(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return np.concatenate([model(gradcam.normalise(batch[i : i + 500], mean, std)).argmax(1).numpy() for i in range(0, len(batch), 500)])
 
-        results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()), "accuracy": corruptions.corruption_accuracy(predict, x[pos], p.labels[pos])}
+        results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()),
+                             "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key])}
         log(f"corruptions: {run.name} done")
     base_runs = [r.name for r in runs if baseline and r.params.get(baseline[0]) == baseline[1]] or [runs[0].name]
     names = sorted(corruptions.CORRUPTIONS)
@@ -247,7 +297,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
 
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
-                 log_to_mlflow: bool = True, corruption_images: int = 1000) -> Path:
+                 log_to_mlflow: bool = True, corruption_images: int = 1000, road_images: int = 64) -> Path:
     """Analyse every finished run of ``experiment``; return the path of the HTML report."""
     from analysis import report
 
@@ -259,7 +309,7 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     images = ImageCache()
     analyses = []
     for i, run in enumerate(runs, 1):
-        analyses.append(analyse_run(run, images, out, threshold, layer, max_cams))
+        analyses.append(analyse_run(run, images, out, threshold, layer, max_cams, road_images))
         log(f"run {i}/{len(runs)} {run.name}: {len(analyses[-1].failures)} failures above {threshold}")
     figures = sweep_figures(analyses, out)
     figures["gallery"] = class_gallery(runs[0], images, out, layer, gallery)

@@ -59,11 +59,17 @@ def results_section(analyses, figures: dict) -> str:
     rows = []
     for a in sorted(analyses, key=lambda a: -a.run.metrics.get(metrics.TEST_ACC, 0)):
         m = a.run.metrics
-        rows.append([a.run.name, fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)), len(a.failures),
-                     f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", "-" if a.road is None else f"{a.road:+.3f}", a.run.run_id[:8]])
-    return ("<h2>Results</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "failures", "Grad-CAM layer", "ROAD", "run id"], rows)
-            + "<p class='note'>ROAD: Grad-CAM faithfulness of the heat maps shown (pytorch-grad-cam's ROADCombined, percentiles 20-80); "
-              "positive means removing the highlighted pixels hurts the prediction more than removing the others, so the map can be trusted.</p>"
+        road = [f"{a.road[k]:+.3f}" if k in a.road else "-" for k in ("Grad-CAM", "random map", "centred blob")]
+        rows.append([a.run.name, fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)), m.get(metrics.TEST_EPOCH, "-"),
+                     len(a.failures), f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", *road, a.run.run_id[:8]])
+    images = next((a.road.get("images") for a in analyses if a.road), 0)
+    return ("<h2>Results</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "tested epoch", "failures", "Grad-CAM layer",
+                                       "ROAD Grad-CAM", "ROAD random map", "ROAD centred blob", "run id"], rows)
+            + f"<p class='note'>ROAD (pytorch-grad-cam's ROADCombined, percentiles 20-80, seeded imputation) on the same {images} seeded test "
+              "images per run, for the predicted class: (drop when the most relevant pixels are removed - drop when the least relevant are) / 2. "
+              "Positive means the map points at what the model uses. A random map and a centred blob know nothing of the model: Grad-CAM "
+              "is to be trusted only as far as its score exceeds theirs. Tested epoch: the epoch whose weights were tested (the best "
+              "validation epoch under early stopping).</p>"
             + img(figures.get("metrics"), "test metrics per run") + img(figures.get("curves"), "training (solid) and validation (dashed) curves")
             + img(figures.get("per_class"), "per-class test accuracy") + img(figures.get("worst"), "worst classes"))
 
@@ -87,10 +93,19 @@ def comparison_section(comparisons) -> str:
         rows = [[r["class"], pm(r["baseline"]), pm(r["variant"]), pm(r["delta"], signed=True), f"[{r['delta_ci95'][0] * 100:+.2f}, {r['delta_ci95'][1] * 100:+.2f}]"]
                 for r in c.per_class]
         pairs = [[p["baseline"], p["variant"], fmt(p["baseline_acc"]), fmt(p["variant_acc"]), len(p["fixed"]), len(p["still"]), len(p["new"]),
-                  f"{p['mcnemar']['b']}/{p['mcnemar']['c']}", f"{p['mcnemar']['statistic']:.2f}", f"{p['mcnemar']['p_value']:.3g}"] for p in c.pairs]
+                  f"{p['mcnemar']['b']}/{p['mcnemar']['c']}", p["mcnemar"]["test"], f"{p['mcnemar']['p_value']:.3g}", f"{p['mcnemar'].get('p_holm', 1):.3g}"]
+                 for p in c.pairs]
+        strata = [[s["stratum"], s["pairs"], pm(s["delta"], signed=True), f"[{s['delta_ci95'][0] * 100:+.2f}, {s['delta_ci95'][1] * 100:+.2f}]",
+                   pm(s["fixed"], scale=1), pm(s["new"], scale=1), churn_text(s["churn"], "fixed"), churn_text(s["churn"], "new"), churn_verdict(s)] for s in c.strata]
         parts.append(f"<h2>Comparison: {esc(c.baseline)} vs {esc(c.variant)}</h2><p>{len(c.pairs)} matched pairs (identical settings but {esc(c.baseline.split('=')[0])}).</p>"
-                     + table(["baseline", "variant", "base acc %", "variant acc %", "fixed", "still failing", "new", "McNemar b/c", "chi2", "p"], pairs)
-                     + "<p class='note'>Accuracy in %, mean ± std over pairs, with the 95% t-interval of the change.</p>"
+                     + table(["baseline", "variant", "base acc %", "variant acc %", "fixed", "still failing", "new", "McNemar b/c", "test", "p", "p (Holm)"], pairs)
+                     + "<p class='note'>McNemar's test per pair; p (Holm): adjusted for the family of pairs (Holm-Bonferroni).</p>"
+                     + table(["architecture", "pairs", "accuracy change (points)", "95% interval", "fixed per pair", "new per pair",
+                              "seed churn: fixed", "seed churn: new", "beyond seed churn?"], strata)
+                     + "<p class='note'>Per architecture, then pooled (marked). Seed churn: the same counts between two seeds of the baseline "
+                       "configuration (every ordered pair of seeds), the failures that move with no change at all. A change moves failures "
+                       "beyond that churn when its mean fixed or new count lies outside the churn's mean ± 2 std.</p>"
+                     + "<p class='note'>Per class, pooled over every pair: accuracy in %, mean ± std over pairs, with the 95% t-interval of the change.</p>"
                      + table(["class", "baseline", "variant", "change", "95% interval"], rows)
                      + img(c.figures.get("per_class_delta"), "per-class accuracy change")
                      + img(c.figures.get("before_after"), "Grad-CAM before and after on failures the change fixed and introduced"))
@@ -102,7 +117,9 @@ def calibration_section(extra: dict) -> str:
     rows = [[name, f"{c['ece']:.4f}", "-" if c["temperature"] is None else f"{c['temperature']:.3f}", f"{c.get('ece_scaled', float('nan')):.4f}",
              c["confident_failures"], c.get("confident_failures_scaled", "-")] for name, c in summary.items()]
     return ("<h2>Calibration</h2><p>Expected calibration error over 15 confidence bins. Temperature scaling is fitted on each run's "
-            "validation split and only reported here: every other number in this report uses the raw probabilities.</p>"
+            "validation split and only reported here: every other number in this report uses the raw probabilities. The same validation "
+            "split also chose the model (the epoch under early stopping, the best run by the experiment's metric), so the temperature is "
+            "fitted on data that is not independent of the selection; the test split touches neither.</p>"
             + table(["run", "ECE", "temperature", "ECE after scaling", "confident failures", "after scaling"], rows) + img(figure, "reliability diagrams"))
 
 
@@ -159,15 +176,31 @@ def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
             out.append(f"Most robust to corruptions: {best} (mCE {runs[best]['mce'] * 100:.1f}, mean corruption accuracy {runs[best]['mean_corruption_acc'] * 100:.1f}% "
                        f"vs {runs[best]['clean'] * 100:.1f}% clean).")
     for c in comparisons:
-        overall = next(r for r in c.per_class if r["class"] == "overall")
-        low, high = overall["delta_ci95"]
-        verdict = ("an improvement" if low > 0 else "a degradation" if high < 0 else "not distinguishable from seed/architecture noise") if len(c.pairs) > 1 else "a single pair, so no interval"
-        fixed, new = sum(len(p["fixed"]) for p in c.pairs), sum(len(p["new"]) for p in c.pairs)
-        significant = sum(p["mcnemar"]["p_value"] < 0.05 for p in c.pairs)
-        out.append(f"{c.variant} vs {c.baseline}: accuracy change {overall['delta'][0] * 100:+.2f} ± {overall['delta'][1] * 100:.2f} points over {len(c.pairs)} pairs "
-                   f"(95% interval [{low * 100:+.2f}, {high * 100:+.2f}]): {verdict}. It fixed {fixed} confident failures and introduced {new}; "
-                   f"McNemar p < 0.05 in {significant} of {len(c.pairs)} pairs.")
+        out += [change_sentence(c, st) for st in c.strata]
     return out
+
+
+def churn_text(churn: dict | None, key: str) -> str:
+    return "-" if churn is None else f"{churn[key][0]:.1f} ± {churn[key][1]:.1f} ({churn['pairs']} seed pairs)"
+
+
+def churn_verdict(s: dict) -> str:
+    return {None: "no reference: one seed", True: "yes", False: "no, within"}[s["beyond_churn"]]
+
+
+def change_sentence(c, s: dict) -> str:
+    """One conclusion per architecture (and pooled): accuracy interval, fixed/introduced beside the seed churn."""
+    low, high = s["delta_ci95"]
+    text = (f"{c.variant} vs {c.baseline} ({s['stratum']}): accuracy change {s['delta'][0] * 100:+.2f} ± {s['delta'][1] * 100:.2f} points over "
+            f"{s['pairs']} pairs (95% interval [{low * 100:+.2f}, {high * 100:+.2f}]): {s['verdict']}. Per pair it fixed {s['fixed'][0]:.1f} "
+            f"confident failures and introduced {s['new'][0]:.1f}")
+    churn = s["churn"]
+    if churn is None:
+        return text + ("; the seed-churn reference is missing (one seed per configuration), so it cannot be told apart from what a new "
+                       "seed alone moves: add seeds to the grid, e.g. seed: [42, 43, 44].")
+    where = "beyond" if s["beyond_churn"] else "within"
+    return text + (f"; seed-to-seed churn of the baseline: fixed {churn['fixed'][0]:.1f} ± {churn['fixed'][1]:.1f}, introduced "
+                   f"{churn['new'][0]:.1f} ± {churn['new'][1]:.1f}. The change moves failures {where} that churn.")
 
 
 def write_report(out: Path, experiment: str, uri: str, threshold: float, analyses, comparisons, figures: dict, extra: dict) -> Path:
