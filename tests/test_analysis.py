@@ -46,17 +46,40 @@ def test_transitions_on_a_hand_built_pair():
         compare.transitions(base, preds(variant.probs, labels, index=[0, 1, 2, 3, 4, 5]), 0.9)
 
 
-def test_mcnemar_equals_direct_computation():
-    rng = np.random.default_rng(0)
-    a, b = rng.random(500) < 0.8, rng.random(500) < 0.85
-    result = compare.mcnemar(a, b)
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    expected = (abs(only_a - only_b) - 1) ** 2 / (only_a + only_b)
-    assert (result["b"], result["c"]) == (only_a, only_b)
-    assert result["statistic"] == pytest.approx(expected)
-    assert result["p_value"] == pytest.approx(stats.chi2.sf(expected, 1))
-    small = compare.mcnemar(np.array([1, 1, 1, 0, 1], bool), np.array([0, 0, 1, 1, 1], bool))
-    assert small["p_value"] == pytest.approx(stats.binomtest(2, 3, 0.5).pvalue)  # exact test when b + c < 25
+def test_mcnemar_on_textbook_examples():
+    # Agresti, Categorical Data Analysis (2002), Table 10.1: approval ratings 794 / 150 / 86 / 570; b + c = 236
+    base = np.array([1] * 794 + [1] * 150 + [0] * 86 + [0] * 570, bool)
+    variant = np.array([1] * 794 + [0] * 150 + [1] * 86 + [0] * 570, bool)
+    result = compare.mcnemar(base, variant)
+    assert (result["b"], result["c"]) == (150, 86)
+    assert result["statistic"] == pytest.approx(63**2 / 236, abs=1e-9)  # Agresti's 17.36 without, 16.82 with the continuity correction
+    assert result["p_value"] == pytest.approx(4.11e-5, rel=0.01)
+    # b + c < 25: the exact binomial test, two-sided P(X <= 2 | n = 11, 1/2) x 2 = 2 x (1 + 11 + 55) / 2048
+    small = compare.mcnemar(np.array([1, 1] + [0] * 9 + [1] * 5, bool), np.array([0, 0] + [1] * 9 + [1] * 5, bool))
+    assert small["test"] == "exact binomial" and small["p_value"] == pytest.approx(134 / 2048)
+
+
+def test_holm_adjustment_on_a_worked_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.02, 0.03, 0.06, 0.06
+    assert compare.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_seed_churn_counts_every_ordered_pair_of_seeds():
+    from analysis.runs import RunRecord
+
+    def record(seed, correct_conf):
+        probs = np.array([[0.95, 0.03, 0.02] if c else [0.02, 0.96, 0.02] for c in correct_conf])
+        r = RunRecord(f"s{seed}", f"s{seed}", {"seed": str(seed), "arch": "a"}, {}, None, "")
+        r.__dict__["predictions"] = preds(probs, [0] * len(correct_conf))
+        return r
+
+    runs = [record(1, [1, 1, 0, 0]), record(2, [0, 1, 1, 0]), record(3, [1, 1, 1, 1])]
+    churn = compare.seed_churn(runs, 0.9)
+    # fixed a->b: a's confident failures b gets right. 1->2: {2}, 1->3: {2,3}, 2->1: {0}, 2->3: {0,3}, 3->x: none
+    assert churn["pairs"] == 6
+    assert churn["fixed"][0] == pytest.approx(np.mean([1, 2, 1, 2, 0, 0]))
+    assert churn["new"][0] == pytest.approx(np.mean([1, 0, 1, 0, 2, 2]))  # new a->b equals fixed b->a
+    assert compare.seed_churn(runs[:1], 0.9) is None
 
 
 class RegionModel(nn.Module):
@@ -88,35 +111,117 @@ def test_gradcam_mass_lands_in_the_only_region_the_logit_sees():
 
 def test_road_faithfulness_prefers_the_map_of_the_region_the_model_uses():
     model = RegionModel().eval()
-    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        model.head.weight *= 30  # confident logits, so removing evidence moves the softmax
+    x = torch.randn(16, 3, 32, 32)
     classes = model(x).argmax(1).tolist()
-    right = np.zeros((8, 32, 32), np.float32)
+    right = np.zeros((16, 32, 32), np.float32)
     right[:, :8, :8] = 1
-    wrong = 1 - right
-    assert gradcam.faithfulness(model, x, right, classes).mean() > gradcam.faithfulness(model, x, wrong, classes).mean()
+    right += np.random.default_rng(0).random((16, 32, 32)).astype(np.float32) * 1e-3  # break ties inside and outside
+    scores = gradcam.faithfulness(model, x, right, classes)
+    assert np.array_equal(scores, gradcam.faithfulness(model, x, right, classes))  # seeded imputation
+    wrong = gradcam.faithfulness(model, x, 1 - right, classes)
+    random = gradcam.faithfulness(model, x, gradcam.reference_maps(16, 32)["random map"], classes)
+    assert (scores > 0).all() and (wrong < 0).all(), (scores, wrong)  # every image, not only on average
+    assert scores.mean() > random.mean() + 0.01 and random.mean() > wrong.mean() + 0.01
+
+
+class Masked(nn.Module):
+    """Channel 0 keeps the top-left quarter of its input, channel 1 the bottom-right one."""
+
+    def __init__(self):
+        super().__init__()
+        mask = torch.zeros(1, 2, 8, 8)
+        mask[0, 0, :4, :4] = 1
+        mask[0, 1, 4:, 4:] = 1
+        self.register_buffer("mask", mask)
+        self.scale = nn.Parameter(torch.ones(()))  # a weight, so the activations carry gradients
+
+    def forward(self, x):
+        return x.mean(1, keepdim=True) * self.mask * self.scale
+
+
+class TwoRegionModel(nn.Module):
+    """Class k's logit sums channel k of an 8x8 feature map: class 0 sees only the top-left, class 1 the bottom-right."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.AvgPool2d(4), Masked())
+
+    def forward(self, x):
+        return self.features(x).sum(dim=(2, 3))
+
+
+def test_gradcam_of_predicted_and_true_class_differ_on_a_coarse_layer():
+    model = TwoRegionModel().eval()
+    x = torch.rand(6, 3, 32, 32) + 0.1
+    assert gradcam.layer_resolution(model, model.features) == (8, 8)
+    first = gradcam.compute_cams(model, model.features, x, [0] * 6)
+    second = gradcam.compute_cams(model, model.features, x, [1] * 6)
+    share = lambda cams, rows, cols: cams[:, rows, cols].sum(axis=(1, 2)) / cams.sum(axis=(1, 2))
+    assert (share(first, slice(0, 16), slice(0, 16)) > 0.8).all() and (share(second, slice(16, 32), slice(16, 32)) > 0.8).all()
+    assert (share(first, slice(16, 32), slice(16, 32)) < 0.1).all()
 
 
 def test_border_fraction():
-    centre_only = np.zeros((1, 32, 32))
+    centre_only = np.zeros((3, 32, 32))
     centre_only[0, 8:24, 8:24] = 1
+    centre_only[1] = 1
     assert fail.border_fraction(centre_only)[0] == pytest.approx(0.0)
-    assert fail.border_fraction(np.ones((1, 32, 32)))[0] == pytest.approx(fail.UNIFORM_BORDER)
+    assert fail.border_fraction(centre_only)[1] == pytest.approx(0.75)  # 1 - 16^2 / 32^2
+    assert np.isnan(fail.border_fraction(centre_only)[2])  # an all-zero map points nowhere
 
 
 def test_categories_state_their_numbers():
     failures = [{"test_index": i, "true_class": "cat", "predicted_class": "dog", "true_label": 3, "predicted_label": 5, "true_class_prob": 0.005} for i in range(6)]
     failures += [{"test_index": 9, "true_class": "bird", "predicted_class": "airplane", "true_label": 2, "predicted_label": 0, "true_class_prob": 0.05}]
-    cats = {c.name: c for c in fail.categorize(failures, 10, cam_border={i: 0.9 if i < 3 else 0.4 for i in range(10)})}
+    border = {i: 0.9 if i < 3 else 0.4 for i in range(7)} | {5: float("nan"), 6: float("nan")}
+    cats = {c.name: c for c in fail.categorize(failures, 10, cam_border=border, chance={"border": 0.12, "ruled_out": 0.3})}
     assert cats["confusion cat -> dog"].test_indices == list(range(6)) and "6 of 7 failures (86%)" in cats["confusion cat -> dog"].evidence
-    assert cats["context / background reliance"].test_indices == [0, 1, 2]
-    assert cats["true class all but ruled out"].evidence.startswith("6 of 7")
+    assert "0.1 expected if errors spread evenly" in cats["confusion cat -> dog"].evidence  # 7 / (10 x 9)
+    context = cats["context / background reliance"]
+    assert context.test_indices == [0, 1, 2] and context.evidence.startswith("3 of 5 explained failures (60%)")
+    assert "chance: 12%" in context.evidence and "2 all-zero maps not counted" in context.evidence
+    assert cats["true class all but ruled out"].evidence.startswith("6 of 7") and "30% of all of the run's errors" in cats["true class all but ruled out"].evidence
+
+
+def test_colour_chance_on_two_separable_and_two_identical_classes():
+    labels = np.array([0, 0, 1, 1])
+    separable = np.array([[0, 0, 0], [10, 0, 0], [200, 0, 0], [210, 0, 0]], float)
+    means = np.stack([separable[labels == k].mean(0) for k in (0, 1)])
+    assert fail.colour_chance(separable, labels, means) == 0.0
+    same = np.array([[0, 0, 0], [10, 0, 0], [0, 0, 0], [10, 0, 0]], float)
+    means = np.stack([same[labels == k].mean(0) for k in (0, 1)])
+    assert fail.colour_chance(same, labels, means) == 0.0  # equal means: never strictly nearer the other class
 
 
 @pytest.fixture(scope="module")
 def analysed(finished_sweep, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    path = run_analysis("tiny", finished_sweep["uri"], out, threshold=0.5, baseline="arch=plain_cnn", variant="arch=residual_cnn", gallery=("class1", "class3"))
+    path = run_analysis("tiny", finished_sweep["uri"], out, threshold=0.5, baseline="arch=plain_cnn", variant="arch=residual_cnn", gallery=("class1", "class3"),
+                        corruption_images=40, road_images=16)
     return out, path
+
+
+def test_trial_end_robustness_metrics_equal_the_analysis(analysed, finished_sweep):
+    import mlflow
+
+    out, _ = analysed
+    report = json.loads((out / "robustness.json").read_text())
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    assert report["images"] == 40
+    for run in find_runs("tiny", finished_sweep["uri"], out / ".artifacts"):
+        logged = client.get_run(run.run_id).data.metrics
+        for name, accuracy in report["runs"][run.name]["accuracy"].items():
+            assert logged[f"robustness/{name}"] == pytest.approx(np.mean(accuracy), abs=1e-12), (run.name, name)
+
+
+def test_road_is_reported_beside_its_references(analysed):
+    out, path = analysed
+    for folder in (out / "runs").iterdir():
+        road = json.loads((folder / "failures.json").read_text())["road"]
+        assert road["images"] == 16 and set(road) == {"images", "Grad-CAM", "random map", "centred blob"}
+    assert "ROAD random map" in path.read_text() and "ROAD centred blob" in path.read_text()
 
 
 def test_report_is_written_with_embedded_figures(analysed):

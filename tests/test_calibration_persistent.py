@@ -16,15 +16,14 @@ def test_ece_matches_a_direct_computation_on_hand_made_probabilities():
     assert calibration.ece(perfect, np.array([0, 1])) == 0.0
 
 
-def test_temperature_scaling_softens_an_overconfident_model():
+def test_temperature_scaling_recovers_the_temperature_that_generated_the_labels():
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 5, 2000)
-    logits = rng.normal(0, 1, (2000, 5))
-    logits[np.arange(2000), labels] += 1.0  # right class a bit more likely
-    logits *= 8  # then made far too confident
-    t = calibration.fit_temperature(logits, labels)
-    assert 5 < t < 11
-    assert calibration.ece(calibration.softmax(logits, t), labels) < calibration.ece(calibration.softmax(logits), labels) / 3
+    calibrated = rng.normal(0, 2, (20000, 5))  # logits whose softmax is the true label distribution
+    cdf = np.cumsum(calibration.softmax(calibrated), 1)
+    labels = (rng.random((20000, 1)) > cdf).sum(1)  # labels drawn from it
+    t = calibration.fit_temperature(calibrated * 3.0, labels)  # the model's logits: three times too confident
+    assert t == pytest.approx(3.0, rel=0.05)
+    assert calibration.ece(calibration.softmax(calibrated * 3.0, t), labels) < calibration.ece(calibration.softmax(calibrated * 3.0), labels) / 3
 
 
 def run(name: str, probs, labels, params) -> RunRecord:

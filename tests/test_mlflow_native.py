@@ -41,16 +41,23 @@ def test_logged_model_loads_without_pickle_and_reproduces_the_logged_predictions
     np.testing.assert_allclose(probs, logged["probs"], atol=1e-4)
 
 
-def test_register_best_carries_run_id_and_metric(finished_sweep, capsys):
+def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys):
     assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best"]) == 0
-    best = best_trial(finished_sweep)[f"metrics.{metrics.TEST_ACC}"]
+    trials = finished_sweep["runs"][finished_sweep["runs"][f"tags.{tracking.KIND_TAG}"] == "trial"]
+    best_val = trials[f"metrics.{metrics.VAL_ACC}"].max()
     client = mlflow.MlflowClient(finished_sweep["uri"])
     (version,) = client.search_model_versions("name = 'tiny-best'")
     assert version.tags["run_id"] == version.run_id
-    assert client.get_run(version.run_id).data.metrics[metrics.TEST_ACC] == best  # a best run (ties broken by MLflow's order)
-    assert version.tags["metric"] == metrics.TEST_ACC and float(version.tags["metric_value"]) == best
-    assert version.tags["sweep_id"].startswith("tiny-")
-    assert "registered tiny-best version 1" in capsys.readouterr().out
+    assert client.get_run(version.run_id).data.metrics[metrics.VAL_ACC] == best_val  # a best run (ties broken by MLflow's order)
+    assert version.tags["selected_by"] == metrics.VAL_ACC and float(version.tags["metric_value"]) == best_val
+    assert version.tags["test_set_selection"] == "false" and version.tags["sweep_id"].startswith("tiny-")
+    captured = capsys.readouterr()
+    assert "registered tiny-best version 1" in captured.out and "selected by val/acc" in captured.out and "warning" not in captured.err
+    assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best-test", "--metric", metrics.TEST_ACC]) == 0
+    assert "warning: selecting the best run by test/acc is selection on the test set" in capsys.readouterr().err
+    (version,) = client.search_model_versions("name = 'tiny-best-test'")
+    assert version.tags["selected_by"] == metrics.TEST_ACC and version.tags["test_set_selection"] == "true"
+    assert client.get_run(version.run_id).data.metrics[metrics.TEST_ACC] == trials[f"metrics.{metrics.TEST_ACC}"].max()
 
 
 def test_dataset_input_and_system_metrics_are_logged(finished_sweep):

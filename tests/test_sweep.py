@@ -9,6 +9,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 import metrics
 import sweep
 import tracking
+from tests.conftest import write_experiments
 
 RAY_BOOKKEEPING = set(AUTO_RESULT_KEYS) | {"trial_id", "done", "experiment_tag", "should_checkpoint", "time_this_iter_s"}
 
@@ -59,14 +60,40 @@ def test_runs_log_params_and_the_artifacts_analysis_needs(finished_sweep):
     assert config["arch"] in ("plain_cnn", "residual_cnn") and config["data"]["name"] == "synthetic"
 
 
-def test_rerun_best_reproduces_the_best_run_exactly(finished_sweep, capsys):
-    assert sweep.main(finished_sweep["argv"] + ["--rerun-best", "--metric", metrics.TEST_ACC]) == 0
+def test_rerun_best_reproduces_the_best_validation_run_exactly(finished_sweep, capsys):
+    assert sweep.main(finished_sweep["argv"] + ["--rerun-best"]) == 0
     runs = mlflow.search_runs(experiment_names=["tiny"])
     trials = trial_runs(runs)
-    best = trials.sort_values(f"metrics.{metrics.TEST_ACC}", ascending=False).iloc[0]
-    rerun = runs[(runs["tags.rerun_of"] == best.run_id) & (runs[f"tags.{tracking.KIND_TAG}"] == "rerun")]
+    rerun = runs[runs[f"tags.{tracking.KIND_TAG}"] == "rerun"]
     assert len(rerun) == 1 and rerun.status.iloc[0] == "FINISHED"
+    best = trials[trials.run_id == rerun["tags.rerun_of"].iloc[0]].iloc[0]
+    assert best[f"metrics.{metrics.VAL_ACC}"] == trials[f"metrics.{metrics.VAL_ACC}"].max()  # chosen on validation, not test
     for key in (metrics.TEST_ACC, metrics.TEST_LOSS, metrics.TRAIN_LOSS):
         assert rerun[f"metrics.{key}"].iloc[0] == best[f"metrics.{key}"], key
-    out = capsys.readouterr().out
-    assert "original" in out and "rerun" in out and best.run_id in out
+    captured = capsys.readouterr()
+    assert "original" in captured.out and "selected by val/acc" in captured.out and best.run_id in captured.out
+    assert "test set" not in captured.err
+
+
+def test_git_commit_tag_is_the_checkout_head(finished_sweep):
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+    assert len(head) == 40 and set(trial_runs(finished_sweep["runs"])["tags.git.commit"]) == {head}
+
+
+def test_dry_run_prints_exactly_the_seeded_points_ray_runs(tmp_path, capsys):
+    from ray import tune
+
+    from schema import expand_grid, resolve
+
+    path = write_experiments(tmp_path / "e.yaml", {"search": {"num_samples": 3, "grid": {"arch": ["plain_cnn", "se_cnn"], "optimizer.lr": {"loguniform": [0.001, 0.1]}}}})
+    name, cfg = resolve(path, "search")
+    points = expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed)
+    assert points == expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed) != expand_grid(cfg.grid, cfg.num_samples, 1)
+    tuner = sweep.build_tuner(cfg, {"sweep_id": "x", "tracking_uri": "sqlite:///unused"}, str(tmp_path / "ray"))
+    assert tuner._local_tuner.param_space["overrides"] == tune.grid_search(points)
+    assert sweep.main(["--config", str(path), "--experiment", "search", "--dry-run"]) == 0
+    table = capsys.readouterr().out
+    for point in points:
+        assert f"{point['optimizer.lr']:>9.4g}" in table

@@ -1,0 +1,51 @@
+"""Acceptance: a 3-seed x 2-augmentation sweep on two architectures; the report states each change beside seed churn."""
+import html
+import json
+
+import pytest
+
+import sweep
+from analysis.pipeline import run_analysis
+from tests.conftest import write_experiments
+
+
+@pytest.fixture(scope="module")
+def churn_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("churn")
+    grid = {"arch": ["plain_cnn", "residual_cnn"], "augment": ["none", "cutout"], "seed": [1, 2, 3]}
+    path = write_experiments(tmp / "e.yaml", {"churn": {"epochs": 1, "grid": grid}})
+    uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+    assert sweep.main(["--config", str(path), "--experiment", "churn", "--tracking-uri", uri, "--storage", str(tmp / "ray")]) == 0
+    out = tmp / "report"
+    report = run_analysis("churn", uri, out, threshold=0.5, max_cams=4, log_to_mlflow=False, corruption_images=0, road_images=4)
+    return json.loads((out / "compare" / "none_vs_cutout" / "comparison.json").read_text()), html.unescape(report.read_text())
+
+
+def test_comparison_json_has_per_architecture_intervals_and_seed_churn(churn_report):
+    data, _ = churn_report
+    strata = {s["stratum"]: s for s in data["strata"]}
+    assert set(strata) == {"plain_cnn", "residual_cnn", "pooled over architectures"}
+    for arch in ("plain_cnn", "residual_cnn"):
+        s = strata[arch]
+        pairs = [p for p in data["pairs"] if p["arch"] == arch]
+        assert s["pairs"] == len(pairs) == 3
+        deltas = [p["variant_acc"] - p["baseline_acc"] for p in pairs]
+        assert s["delta"][0] == pytest.approx(sum(deltas) / 3)
+        assert s["delta_ci95"][0] < s["delta"][0] < s["delta_ci95"][1] or s["delta"][1] == 0
+        assert s["churn"]["pairs"] == 6  # ordered pairs of 3 baseline seeds
+        assert s["fixed"][0] == pytest.approx(sum(len(p["fixed"]) for p in pairs) / 3)
+    assert strata["pooled over architectures"]["pairs"] == 6 and strata["pooled over architectures"]["churn"]["pairs"] == 12
+    holm = [p["mcnemar"]["p_holm"] for p in data["pairs"]]
+    assert all(h >= p["mcnemar"]["p_value"] for h, p in zip(holm, data["pairs"]))
+
+
+def test_report_conclusions_state_the_change_beside_the_churn(churn_report):
+    data, text = churn_report
+    conclusions = text[text.index("<h2>Conclusions</h2>"):]
+    for s in data["strata"]:
+        churn = s["churn"]
+        sentence = (f"augment=cutout vs augment=none ({s['stratum']}): accuracy change {s['delta'][0] * 100:+.2f}")
+        assert sentence in conclusions
+        assert (f"seed-to-seed churn of the baseline: fixed {churn['fixed'][0]:.1f} ± {churn['fixed'][1]:.1f}, introduced "
+                f"{churn['new'][0]:.1f} ± {churn['new'][1]:.1f}. The change moves failures {'beyond' if s['beyond_churn'] else 'within'} that churn.") in conclusions
+    assert "McNemar p < 0.05 in" not in text and "p (Holm)" in text
