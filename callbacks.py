@@ -2,6 +2,8 @@
 
 A trial marks its own run FINISHED or FAILED, but a worker killed by a signal or stopped by a
 scheduler never gets the chance; the driver sees it here and closes the run so none stays RUNNING.
+Every MLflow call goes through ``tracking.retry``: Ray runs these hooks inside its trial-stop path,
+so a transient "database is locked" must not turn a finished trial into an error.
 """
 from __future__ import annotations
 
@@ -9,31 +11,41 @@ from ray.tune import Callback
 
 import metrics
 import tracking
+from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 
 
 class MlflowStatusCallback(Callback):
     """Close a trial's MLflow run from the driver when the trial ends, errs or is stopped."""
 
-    def __init__(self, tracking_uri: str):
-        self.tracking_uri = tracking_uri
+    def __init__(self, tracking_uri: str, scheduler: str = "none"):
+        self.tracking_uri, self.scheduler = tracking_uri, scheduler
 
-    def _close(self, trial, status: str, error: str | None = None) -> None:
+    def _runs(self, trial) -> list:
         mlflow_client = tracking.client(self.tracking_uri)
-        sweep_id = trial.config.get("sweep", {}).get("sweep_id", "")
-        runs = mlflow_client.search_runs(
-            [trial.config["sweep"]["experiment_id"]],
-            filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.SWEEP_TAG}` = '{sweep_id}' and attributes.status = 'RUNNING'",
-        )
-        for run in runs:
-            if error:
-                mlflow_client.set_tag(run.info.run_id, "error", error[:5000])
+        sweep = trial.config.get("sweep", {})
+        return tracking.retry(lambda: mlflow_client.search_runs(
+            [sweep["experiment_id"]], filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.SWEEP_TAG}` = '{sweep.get('sweep_id', '')}'"))
+
+    def _close(self, trial, status: str, tags: dict | None = None, only_running: bool = True) -> None:
+        mlflow_client = tracking.client(self.tracking_uri)
+        for run in self._runs(trial):
+            if only_running and run.info.status != "RUNNING":
+                continue
+            if tags:
+                tracking.set_tags(mlflow_client, run.info.run_id, tags)
             tracking.retry(lambda: mlflow_client.set_terminated(run.info.run_id, status=status))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._close(trial, "FINISHED")
+        result = trial.last_result or {}
+        if metrics.TEST_ACC in result:  # trained every epoch (a scheduler may still stop it at max_t): finished
+            self._close(trial, "FINISHED", only_running=False)
+            return
+        epochs = int(result.get(metrics.EPOCH, 0))
+        stopped_by = self.scheduler if self.scheduler != "none" else "tune"
+        self._close(trial, "KILLED", {STOPPED_BY_TAG: stopped_by, EPOCHS_TAG: epochs}, only_running=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._close(trial, "FAILED", str(getattr(trial, "error_file", "") or "trial errored in Ray"))
+        self._close(trial, "FAILED", {"error": str(getattr(trial, "error_file", "") or "trial errored in Ray")})
 
 
 class ProgressCallback(Callback):

@@ -153,8 +153,9 @@ class TrialConfig:
         s, out = self.schedule, []
         late = [m for m in s.milestones if not 0 < m < self.epochs]
         if s.name == "multistep" and late:
+            example = f", e.g. [{self.epochs // 2}, {self.epochs * 4 // 5}] (seed 000: [25, 40] of 50)" if self.epochs >= 5 else ", or another schedule"
             out.append(("schedule.milestones", f"milestones {late} are not inside epochs 1..{self.epochs - 1} (epochs: {self.epochs}), so the lr "
-                                               f"would never drop there; set milestones below epochs, e.g. [{self.epochs // 2}, {self.epochs * 4 // 5}]"))
+                                               f"would never drop there; set milestones below epochs{example}"))
         if s.warmup_epochs and s.warmup_epochs >= self.epochs:
             out.append(("schedule.warmup_epochs", f"must be < epochs ({self.epochs}), got {s.warmup_epochs}"))
         if s.name == "onecycle" and s.warmup_epochs:

@@ -17,8 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import launches
 import metrics
 import tracking
+from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 from config import ExperimentConfig
 from schema import ConfigError, InputError, as_dict, expand_grid, resolve, trial_configs
 
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.address:  # a local Ray binds every server to 127.0.0.1 (read when Ray is imported, so set first)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         name, cfg = resolve(args.config, args.experiment, args.set)
         cfg = absolute_paths(cfg)
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args)
         if args.register_best:
             return register_best(name, cfg, args)
+        if not args.resume:  # one download or check by the driver, not one failure per trial
+            launches.prepare_data(cfg)
         if args.rerun_best:
             return rerun_best(name, cfg, args)
         return launch(name, cfg, args)
@@ -131,13 +137,17 @@ def sweep_context(name: str, cfg: ExperimentConfig, args: argparse.Namespace, ki
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     mlflow_client = tracking.client(uri)
     exp_id = tracking.ensure_experiment(mlflow_client, name, cfg.description, uri)
+    reaped = tracking.reap_orphans(mlflow_client, exp_id)
+    if reaped:
+        print(f"note: {reaped} run(s) of {name!r} were left RUNNING by a driver that is gone; marked KILLED (tag killed_because)")
     sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {**tracking.environment_tags(), **(extra_tags or {})}
-    parent = mlflow_client.create_run(exp_id, run_name=sweep_id, tags={**tags, tracking.SWEEP_TAG: sweep_id, tracking.KIND_TAG: "sweep",
-                                                                       tracking.NOTE_TAG: cfg.description})
-    tracking.log_params(mlflow_client, parent.info.run_id, {"grid": str(cfg.grid), "num_samples": cfg.num_samples, "config": args.config})
+    tags = {**tracking.environment_tags(), tracking.DRIVER_TAG: tracking.driver_id(), **(extra_tags or {})}
+    parent = tracking.retry(lambda: mlflow_client.create_run(exp_id, run_name=sweep_id, tags={
+        **tags, tracking.SWEEP_TAG: sweep_id, tracking.KIND_TAG: "sweep" if kind == "trial" else kind + "-launch", tracking.NOTE_TAG: cfg.description}))
+    tracking.log_params(mlflow_client, parent.info.run_id, {"grid": str(cfg.grid), "num_samples": cfg.num_samples, "config": args.config,
+                                                            "search_seed": cfg.search_seed})
     return {"tracking_uri": uri, "experiment_id": exp_id, "experiment": name, "sweep_id": sweep_id, "parent_run_id": parent.info.run_id,
-            "tags": tags, "kind": kind, "threads": max(1, int(cfg.resources.cpu))}
+            "tags": tags, "kind": kind, "threads": max(1, int(cfg.resources.cpu)), "scheduler": cfg.scheduler.name}
 
 
 def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
@@ -165,7 +175,7 @@ def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
             name=sweep["sweep_id"], storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[MlflowStatusCallback(sweep["tracking_uri"]), ProgressCallback()],
+            callbacks=[MlflowStatusCallback(sweep["tracking_uri"], cfg.scheduler.name), ProgressCallback()],
             verbose=1,
         ),
     )
@@ -182,7 +192,7 @@ def _point(config: dict) -> dict:
 
 
 def init_ray(address: str | None) -> None:
-    """Join ``address`` (shipping the project code to the cluster) or start Ray locally."""
+    """Join ``address`` (shipping the project code to the cluster) or start a fresh local Ray, never a stale one."""
     import ray
 
     if ray.is_initialized():
@@ -193,58 +203,71 @@ def init_ray(address: str | None) -> None:
             ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes})
         except ConnectionError as err:
             raise InputError(f"cannot reach a Ray cluster at --address {address} ({err}); start one with `ray start --head` or leave out --address") from err
-    else:  # local: the dashboard stays on loopback, no usage stats phoned home
+    else:  # "local": start our own, whatever /tmp/ray/ray_current_cluster says; no dashboard, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT)}})
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT)}})
 
 
 def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str = "trial", extra_tags: dict | None = None):
-    """Run (or resume) the sweep; print the results table; return the exit code."""
-    from ray import tune
-
-    import trainable
-
-    path = latest_launch(args.storage, name) if args.resume else None
+    """Run (or resume) the sweep; print the results table; return the exit code. No run is left RUNNING on any exit path."""
+    record = launches.resume_target(args.storage, name) if args.resume else None
     # The MLflow store (a fresh SQLite one migrates its schema: seconds of CPU) is set up while Ray starts.
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as setup:
-        context = None if path else setup.submit(sweep_context, name, cfg, args, kind, extra_tags)
+        context = None if record else setup.submit(sweep_context, name, cfg, args, kind, extra_tags)
         try:
             init_ray(args.address)
         except BaseException:  # no Ray: the parent run just created must not stay RUNNING
             if context and context.exception() is None:
                 close_runs(context.result()["tracking_uri"], context.result(), "FAILED")
             raise
-        sweep = context.result() if context else None  # on a resume the context lives in the restored param space
+        sweep = context.result() if context else record  # on a resume the record names the sweep and its parent run
+    launches.write_record(args.storage, sweep, "running")
+    try:
+        results = run_tuner(name, cfg, args, sweep, record)
+    except BaseException as err:  # build_tuner, Tuner.restore, tuner.fit: close what this launch opened
+        close_runs(sweep["tracking_uri"], sweep, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", err)
+        launches.write_record(args.storage, sweep, "failed")
+        raise
+    return finish_launch(name, cfg, results, sweep, args.storage)
+
+
+def run_tuner(name: str, cfg: ExperimentConfig, args: argparse.Namespace, sweep: dict, record: dict | None):
+    """Build (or restore) the Tuner and fit it."""
+    from ray import tune
+
+    import trainable
+
     if args.address:
         import ray
 
         check_gpus(name, cfg, ray.cluster_resources().get("GPU", 0))
-    if path:
-        print(f"resuming {path}")
-        tuner = tune.Tuner.restore(path, trainable=tune.with_resources(trainable.train, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}),
+    if record:
+        print(f"resuming {record['path']}")
+        tuner = tune.Tuner.restore(record["path"], trainable=tune.with_resources(trainable.train, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}),
                                    resume_unfinished=True, resume_errored=True)
     else:
         print(f"sweep {sweep['sweep_id']}: MLflow experiment {name!r} at {sweep['tracking_uri']}")
         tuner = build_tuner(cfg, sweep, args.storage)
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))  # Tune saves its state on SIGINT
-    results = tuner.fit()
-    return finish_launch(name, cfg, results, sweep)
+    return tuner.fit()
 
 
-def latest_launch(storage: str, name: str) -> str:
-    """Newest Ray results folder of experiment ``name``."""
-    launches = sorted(Path(storage).glob(f"{name}-*"))
-    if not launches:
-        raise InputError(f"no launch of {name!r} under {storage} to resume; start one without --resume")
-    return str(launches[-1])
+def pruned_trials(sweep: dict) -> dict[str, str]:
+    """Trial id -> 'pruned at epoch k (asha)' for the runs of ``sweep`` a scheduler stopped (their MLflow tags say so)."""
+    mlflow_client = tracking.client(sweep["tracking_uri"])
+    runs = tracking.retry(lambda: mlflow_client.search_runs([sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}'", max_results=5000))
+    return {r.data.tags.get(tracking.TRIAL_TAG, ""): f"pruned at epoch {r.data.tags.get(EPOCHS_TAG, '?')} ({r.data.tags[STOPPED_BY_TAG]})"
+            for r in runs if r.data.tags.get(STOPPED_BY_TAG)}
 
 
-def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict | None) -> int:
+def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storage: str) -> int:
     """Print the trials sorted by the metric, close the parent run, say how to open the UI or resume."""
-    rows = []
+    outcomes, rows = pruned_trials(sweep), []
     for result in results:
         m = result.metrics or {}
-        status = f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else "done" if m.get("done") or metrics.TEST_ACC in m else "unfinished"
+        outcome = outcomes.get(m.get("trial_id", ""), "")
+        status = (f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else outcome if outcome.startswith("pruned")
+                  else "done" if metrics.TEST_ACC in m else "unfinished")
         rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
     rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))
     print(f"\n{'trial':<40}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
@@ -253,24 +276,28 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict | None)
         print(f"{str(folder)[:39]:<40}{fmt(value):>10}{fmt(test_acc):>10}{str(epochs or '-'):>8}  {status}")
     failed = sum(r[4].startswith("ERROR") for r in rows)
     unfinished = sum(r[4] == "unfinished" for r in rows)
-    sweep = sweep or next((r.config["sweep"] for r in results if r.config), None)
-    uri = sweep["tracking_uri"] if sweep else tracking.resolve_tracking_uri()
-    if sweep:
-        close_runs(uri, sweep, "KILLED" if unfinished else "FAILED" if failed else "FINISHED")
+    pruned = sum(r[4].startswith("pruned") for r in rows)
+    close_runs(sweep["tracking_uri"], sweep, "KILLED" if unfinished else "FAILED" if failed else "FINISHED")
+    launches.write_record(storage, sweep, "interrupted" if unfinished else "failed" if failed else launches.FINISHED)
     if unfinished:
         print(f"\ninterrupted: {unfinished} trials unfinished; their state is saved. Continue with:\n  python sweep.py --experiment {name} --resume")
         return 1
-    print(f"\n{len(rows) - failed}/{len(rows)} trials finished. Compare them in the MLflow UI:\n  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    done = len(rows) - failed - pruned
+    print(f"\n{done}/{len(rows)} trials finished" + (f", {pruned} pruned by {cfg.scheduler.name}" if pruned else "")
+          + f". Compare them in the MLflow UI:\n  mlflow ui --backend-store-uri {sweep['tracking_uri']} --host 127.0.0.1 --port 5000")
     return 1 if failed else 0
 
 
-def close_runs(uri: str, sweep: dict, parent_status: str) -> None:
-    """End the parent run; trial runs a killed worker left RUNNING are marked KILLED (a resume reopens them)."""
+def close_runs(uri: str, sweep: dict, parent_status: str, error: BaseException | None = None) -> None:
+    """End the parent run; trial runs a killed worker left RUNNING are marked KILLED (a resume reopens them). Retried."""
     mlflow_client = tracking.client(uri)
-    left = mlflow_client.search_runs([sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}' and attributes.status = 'RUNNING'")
+    left = tracking.retry(lambda: mlflow_client.search_runs(
+        [sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}' and attributes.status = 'RUNNING'"))
     for run in left:
         if run.info.run_id != sweep["parent_run_id"]:
             tracking.retry(lambda: mlflow_client.set_terminated(run.info.run_id, status="KILLED"))
+    if error is not None:
+        tracking.set_tags(mlflow_client, sweep["parent_run_id"], {"error": f"{type(error).__name__}: {error}"})
     tracking.retry(lambda: mlflow_client.set_terminated(sweep["parent_run_id"], status=parent_status))
 
 
@@ -278,16 +305,24 @@ def close_runs(uri: str, sweep: dict, parent_status: str) -> None:
 
 
 def best_run(uri: str, name: str, metric: str, mode: str):
-    """The finished trial run of experiment ``name`` with the best ``metric`` (a pandas row)."""
+    """The finished trial run of experiment ``name`` with the best ``metric`` (a pandas row), among runs with test predictions;
+    every run skipped for lacking them (pruned, killed, failed) gets a one-line note."""
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.`{tracking.KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'",
-                              order_by=[f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}"])
-    column = f"metrics.{metric}"
+    runs = tracking.retry(lambda: mlflow.search_runs(experiment_names=[name], filter_string=f"tags.`{tracking.KIND_TAG}` = 'trial'"))
+    column, tested = f"metrics.{metric}", f"metrics.{metrics.TEST_ACC}"
+    if not runs.empty:
+        usable = (runs.status == "FINISHED") & (runs[tested].notna() if tested in runs else False)
+        for _, run in runs[~usable].iterrows():
+            stopped = run.get(f"tags.{STOPPED_BY_TAG}")
+            why = f", stopped by {stopped} at epoch {run.get(f'tags.{EPOCHS_TAG}')}" if isinstance(stopped, str) and stopped else ""
+            print(f"note: skipping {run['tags.mlflow.runName']} ({run.status}{why}): no test predictions")
+        runs = runs[usable]
     if runs.empty or column not in runs or runs[column].isna().all():
         raise InputError(f"experiment {name!r} has no finished run with metric {metric!r} at {uri}; run the sweep first")
-    return runs[runs[column].notna()].iloc[0]
+    runs = runs[runs[column].notna()]
+    return runs.sort_values(column, ascending=mode == "min", kind="stable").iloc[0]
 
 
 def selection(cfg: ExperimentConfig, metric: str | None) -> tuple[str, str]:

@@ -23,6 +23,10 @@ NOTE_TAG = "mlflow.note.content"
 SWEEP_TAG = "stresslab.sweep_id"
 TRIAL_TAG = "stresslab.trial_id"
 KIND_TAG = "stresslab.kind"  # sweep | trial | rerun | analysis
+DRIVER_TAG = "stresslab.driver"  # host:pid:start time of the process that launched the run
+STOPPED_BY_TAG = "stopped_by"  # the scheduler that stopped a trial before its last epoch
+EPOCHS_TAG = "epochs_completed"
+STOP_TAGS = (STOPPED_BY_TAG, EPOCHS_TAG, "killed_because")
 PACKAGES = ("torch", "torchvision", "ray", "mlflow", "numpy", "grad-cam")
 
 
@@ -100,6 +104,40 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def driver_id() -> str:
+    """This process as host:pid:start time (the start time tells a reused pid apart)."""
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.0f}"
+
+
+def driver_alive(driver: str) -> bool | None:
+    """Whether the driver that tagged a run still runs; None when it ran on another host (unknowable here)."""
+    import psutil
+
+    host, _, rest = driver.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.0f}" == started
+    except psutil.Error:
+        return False
+
+
+def reap_orphans(mlflow_client, experiment_id: str) -> int:
+    """Mark KILLED, with a tag saying why, the RUNNING runs whose driver on this host is gone; returns how many."""
+    runs = retry(lambda: mlflow_client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000))
+    reaped = 0
+    for run in runs:
+        driver = run.data.tags.get(DRIVER_TAG)
+        if driver and driver_alive(driver) is False:
+            set_tags(mlflow_client, run.info.run_id, {"killed_because": f"its driver {driver} is gone (found by a later launch)"})
+            retry(lambda: mlflow_client.set_terminated(run.info.run_id, status="KILLED"))
+            reaped += 1
+    return reaped
+
+
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dict -> dotted keys (``optimizer.lr``), the form MLflow params and ``--set`` use."""
     out = {}
@@ -129,6 +167,15 @@ def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
     for start in range(0, len(items), 100):
         chunk = items[start : start + 100]
         retry(lambda: mlflow_client.log_batch(run_id, params=chunk))
+
+
+def set_tags(mlflow_client, run_id: str, tags: dict[str, Any]) -> None:
+    """Tags in one batch (values as strings, cut to MLflow's 5,000-character limit), retried."""
+    from mlflow.entities import RunTag
+
+    if tags:
+        batch = [RunTag(key, str(value)[:5000]) for key, value in tags.items()]
+        retry(lambda: mlflow_client.log_batch(run_id, tags=batch))
 
 
 TRANSIENT = ("locked", "busy")
@@ -180,7 +227,10 @@ class TrialRun:
         mlflow_client = client(sweep["tracking_uri"])
         run_id = resume_run_id or cls._existing(mlflow_client, sweep, trial_id)
         if run_id:
-            history = mlflow_client.get_metric_history(run_id, "epoch")
+            history = retry(lambda: mlflow_client.get_metric_history(run_id, "epoch"))
+            stale = [k for k in STOP_TAGS if k in retry(lambda: mlflow_client.get_run(run_id)).data.tags]
+            for key in stale:  # it was stopped before; now it runs again
+                retry(lambda: mlflow_client.delete_tag(run_id, key))
             retry(lambda: mlflow_client.update_run(run_id, status="RUNNING"))
             found = cls(mlflow_client, run_id, max((int(m.step) for m in history), default=0))
             found.set_tags({"pid": os.getpid(), "host": socket.gethostname()})
@@ -246,11 +296,8 @@ class TrialRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Tags in one batch (values as strings, cut to MLflow's 5,000-character limit)."""
-        if self.client and tags:
-            from mlflow.entities import RunTag
-
-            batch = [RunTag(key, str(value)[:5000]) for key, value in tags.items()]
-            retry(lambda: self.client.log_batch(self.run_id, tags=batch))
+        if self.client:
+            set_tags(self.client, self.run_id, tags)
 
     def log_artifacts(self, folder: str | Path) -> None:
         if self.client:

@@ -81,7 +81,10 @@ def train(config: dict) -> None:
     sweep = config.get("sweep") or {}
     run = TrialRun.open(sweep, dataclasses.asdict(cfg), name, tune.get_context().get_trial_id(), state and state.get("mlflow_run_id"))
 
+    progress = {"epochs": state["epoch"] if state else 0, "tested": False}
+
     def report(values: dict, checkpoint_state: dict) -> None:
+        progress.update(epochs=values[metrics.EPOCH], tested=metrics.TEST_ACC in values)
         with tempfile.TemporaryDirectory() as folder:
             torch.save(checkpoint_state, os.path.join(folder, STATE_FILE))
             tune.report(values, checkpoint=tune.Checkpoint.from_directory(folder))
@@ -100,7 +103,14 @@ def train(config: dict) -> None:
     except Exception as err:
         run.finish("FAILED", err)
         raise
-    except BaseException as err:  # interrupted (Ctrl-C, stop): the run must not stay RUNNING
+    except SystemExit as err:  # Tune stopped the trial inside tune.report: a scheduler (ASHA at a rung or at max_t) or the driver
+        if progress["tested"]:  # it had trained every epoch and logged the test set: it finished
+            run.finish("FINISHED")
+        else:  # pruned or interrupted: the driver's callback adds stopped_by when a scheduler decided it
+            run.set_tags({"epochs_completed": progress["epochs"]})
+            run.finish("KILLED")
+        raise
+    except BaseException as err:  # interrupted (Ctrl-C): the run must not stay RUNNING
         run.finish("KILLED", err)
         raise
     finally:

@@ -12,7 +12,7 @@ from schema import InputError
 EPILOG = """examples:
   python -m analysis --experiment quick
   python -m analysis --experiment cifar10-stress --baseline augment=none --variant augment=cutout --out reports/cutout
-  python -m analysis --experiment cifar10-stress --baseline arch=plain_cnn --variant arch=residual_cnn --layer layer3
+  python -m analysis --experiment cifar10-stress --baseline augment=none --variant augment=cutout --layer resnet18=layer3
   python -m analysis --experiment quick --tracking-uri http://127.0.0.1:5000
 
 Without --baseline/--variant, runs are compared augment=none vs every other augmentation (or
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", help="selector of the variant runs, same KEY (e.g. augment=cutout)")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence above which an error is a failure (default 0.9)")
     p.add_argument("--out", help="output folder (default reports/<experiment>)")
-    p.add_argument("--layer", help="Grad-CAM target layer by module path (default: the model's registered layer, e.g. layer3 for ResNet-18 at 8x8)")
+    p.add_argument("--layer", help="Grad-CAM target layer by module path, for every architecture (layer3) or per architecture "
+                                   "(resnet18=layer3,plain_cnn=stages.1); default: each model's registered layer")
     p.add_argument("--classes", default=",".join(GALLERY_CLASSES), help="classes of the Grad-CAM gallery (default: %(default)s)")
     p.add_argument("--max-cams", type=int, default=200, help="failures per run explained with Grad-CAM (default 200)")
     p.add_argument("--corruption-images", type=int, default=1000, help="class-balanced test images for the corruption stress test (0: skip)")

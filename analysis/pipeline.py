@@ -20,6 +20,7 @@ import corruptions
 import plots
 from analysis import calibration, compare, failures as fail, gradcam, persistent
 from analysis.runs import RunRecord, find_runs, load_model, test_images
+from schema import InputError
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
 
@@ -84,7 +85,7 @@ def road_step(model, target, x: np.ndarray, mean, std, pred, n_images: int) -> t
     return road | {"images": len(pos)}, fail.border_fraction(cams)
 
 
-def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float, layer: str | None, max_cams: int,
+def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float, layers: dict[str, str], max_cams: int,
                 road_images: int = 64) -> RunAnalysis:
     """Failures, Grad-CAM and categories of one run; writes failures.json and its figures."""
     from model_zoo import gradcam_target
@@ -93,6 +94,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
     found = fail.mine_failures(pred, threshold)
     x, mean, std = images.get(run)
     model = load_model(run)
+    layer = layers.get(run.config["arch"])
     target = gradcam_target(model, run.config["arch"], layer)
     layer_name = layer or next(n for n, m in model.named_modules() if m is target)
     explained = found[:max_cams]
@@ -134,7 +136,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
     return result
 
 
-def class_gallery(run: RunRecord, images: ImageCache, out: Path, layer: str | None, wanted: tuple[str, ...], per_class: int = 4) -> Path | None:
+def class_gallery(run: RunRecord, images: ImageCache, out: Path, layers: dict[str, str], wanted: tuple[str, ...], per_class: int = 4) -> Path | None:
     """Grad-CAM of the predicted class for the first test images of each chosen class."""
     from model_zoo import gradcam_target
 
@@ -143,9 +145,43 @@ def class_gallery(run: RunRecord, images: ImageCache, out: Path, layer: str | No
     x, mean, std = images.get(run)
     pos = np.concatenate([np.flatnonzero(pred.labels == pred.classes.index(c))[:per_class] for c in chosen])
     model = load_model(run)
-    cams = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layer), gradcam.normalise(x[pos], mean, std), pred.preds[pos])
+    cams = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])), gradcam.normalise(x[pos], mean, std), pred.preds[pos])
     titles = [f"#{pred.index[p]} {pred.classes[pred.labels[p]]} (pred {pred.classes[pred.preds[p]]} {pred.confidence[p]:.2f})" for p in pos]
     return gradcam.cam_figure(x[pos], {"Grad-CAM: predicted": cams}, titles, out / "class_gallery.png", cell=1.6)
+
+
+def resolve_layers(spec: str | None, runs: list[RunRecord]) -> dict[str, str]:
+    """``--layer`` as architecture -> module path, checked against every run's model before any work.
+
+    ``layer3`` applies to every architecture; ``resnet18=layer3,plain_cnn=stages.1`` names one per architecture
+    (the others keep their registered layer). Raises InputError listing the layers each architecture has."""
+    import torch
+
+    from model_zoo import create_model
+
+    if not spec:
+        return {}
+    configs = {r.config["arch"]: r for r in runs}
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) == 1 and "=" not in parts[0]:
+        layers = {arch: parts[0] for arch in configs}
+    elif all("=" in p for p in parts):
+        layers = dict(p.split("=", 1) for p in parts)
+    else:
+        raise InputError(f"--layer {spec!r}: give one module path (layer3) or ARCH=PATH pairs (resnet18=layer3,plain_cnn=stages.1)")
+    problems = []
+    for arch, path in layers.items():
+        if arch not in configs:
+            problems.append(f"{arch}: no run of this sweep uses it (architectures: {', '.join(sorted(configs))})")
+            continue
+        with torch.device("meta"):
+            model = create_model(arch, len(configs[arch].predictions.classes), **configs[arch].config.get("model", {}))
+        names = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
+        if path not in dict(model.named_modules()):
+            problems.append(f"{arch} has no layer {path!r}; its layers: {', '.join(names)}")
+    if problems:
+        raise InputError(f"--layer {spec}: " + "; ".join(problems) + ". Name a layer per architecture, e.g. --layer resnet18=layer3")
+    return layers
 
 
 def infer_comparisons(runs: list[RunRecord]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
@@ -158,7 +194,7 @@ def infer_comparisons(runs: list[RunRecord]) -> list[tuple[tuple[str, str], tupl
 
 
 def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tuple[str, str], images: ImageCache, out: Path,
-                 threshold: float, layer: str | None) -> Comparison | None:
+                 threshold: float, layers: dict[str, str]) -> Comparison | None:
     """Matched pairs, transitions, McNemar and per-class deltas; Grad-CAM before/after for the first pair."""
     from model_zoo import gradcam_target
 
@@ -188,7 +224,7 @@ def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tupl
         columns = {}
         for tag, run in (("before", base), ("after", var)):
             model = load_model(run)
-            columns[f"{tag}: {run.name}"] = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layer),
+            columns[f"{tag}: {run.name}"] = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])),
                                                                   gradcam.normalise(x[pos], mean, std), run.predictions.preds[pos])
         p = base.predictions
         titles = [f"#{i} {'fixed' if i in rows[0]['fixed'] else 'new'}: {p.classes[p.labels[q]]}; {p.classes[p.preds[q]]}->{p.classes[var.predictions.preds[q]]}"
@@ -304,19 +340,20 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     start = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs = find_runs(experiment, uri, out / ".artifacts", sweep)
+    runs = find_runs(experiment, uri, out / ".artifacts", sweep, log=log)
+    layers = resolve_layers(layer, runs)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
     analyses = []
     for i, run in enumerate(runs, 1):
-        analyses.append(analyse_run(run, images, out, threshold, layer, max_cams, road_images))
+        analyses.append(analyse_run(run, images, out, threshold, layers, max_cams, road_images))
         log(f"run {i}/{len(runs)} {run.name}: {len(analyses[-1].failures)} failures above {threshold}")
     figures = sweep_figures(analyses, out)
-    figures["gallery"] = class_gallery(runs[0], images, out, layer, gallery)
+    figures["gallery"] = class_gallery(runs[0], images, out, layers, gallery)
     extra = {"calibration": calibration_step(runs, out, threshold), "persistent": persistent_step(runs, images, out, threshold)}
     wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else infer_comparisons(runs)
     extra["robustness"] = robustness_step(runs, images, out, corruption_images, wanted[0][0] if wanted else None)
-    comparisons = [c for b, v in wanted if (c := compare_runs(runs, b, v, images, out, threshold, layer))]
+    comparisons = [c for b, v in wanted if (c := compare_runs(runs, b, v, images, out, threshold, layers))]
     log(f"{len(comparisons)} comparison(s); writing the report")
     path = report.write_report(out, experiment, uri, threshold, analyses, comparisons, figures, extra)
     if log_to_mlflow:

@@ -218,17 +218,21 @@ def write_report(out: Path, experiment: str, uri: str, threshold: float, analyse
 
 
 def log_analysis_run(uri: str, experiment: str, out: Path, threshold: float) -> str:
-    """Log the output folder as artifacts of an MLflow run of kind ``analysis`` in the same experiment."""
+    """Log the output folder as artifacts of an MLflow run of kind ``analysis`` in the same experiment (FAILED if the upload fails)."""
     mlflow_client = tracking.client(uri)
     exp_id = tracking.ensure_experiment(mlflow_client, experiment, "", uri)
-    run = mlflow_client.create_run(exp_id, run_name=f"analysis-{out.name}", tags={tracking.KIND_TAG: "analysis", **tracking.git_state()})
-    mlflow_client.log_param(run.info.run_id, "threshold", threshold)
-    for item in sorted(out.iterdir()):
-        if item.name.startswith("."):
-            continue
-        if item.is_dir():
-            mlflow_client.log_artifacts(run.info.run_id, str(item), item.name)
-        else:
-            mlflow_client.log_artifact(run.info.run_id, str(item))
-    mlflow_client.set_terminated(run.info.run_id)
+    run = tracking.retry(lambda: mlflow_client.create_run(exp_id, run_name=f"analysis-{out.name}", tags={tracking.KIND_TAG: "analysis", **tracking.git_state()}))
+    status = "FAILED"
+    try:
+        mlflow_client.log_param(run.info.run_id, "threshold", threshold)
+        for item in sorted(out.iterdir()):
+            if item.name.startswith("."):
+                continue
+            if item.is_dir():
+                tracking.retry(lambda: mlflow_client.log_artifacts(run.info.run_id, str(item), item.name))
+            else:
+                tracking.retry(lambda: mlflow_client.log_artifact(run.info.run_id, str(item)))
+        status = "FINISHED"
+    finally:
+        tracking.retry(lambda: mlflow_client.set_terminated(run.info.run_id, status=status))
     return run.info.run_id

@@ -85,8 +85,10 @@ def download(uri: str, run_id: str, artifact: str, cache: Path) -> Path:
     return target / artifact
 
 
-def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "latest") -> list[RunRecord]:
-    """Finished trial runs of ``experiment`` (of its latest launch unless ``sweep`` is 'all' or an id)."""
+def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "latest", log=print) -> list[RunRecord]:
+    """Finished trial runs of ``experiment`` with test predictions (of its latest launch unless ``sweep`` is 'all' or an id).
+
+    Runs without test predictions (pruned by a scheduler, killed, failed) are skipped with a one-line note each."""
     import mlflow
 
     mlflow_client = mlflow.MlflowClient(uri)
@@ -94,22 +96,31 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
     if found is None:
         names = [e.name for e in mlflow_client.search_experiments()]
         raise InputError(f"no MLflow experiment {experiment!r} at {uri}; known: {', '.join(names) or 'none'}. Run the sweep first.")
-    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial' and attributes.status = 'FINISHED'",
-                                     order_by=["attributes.start_time ASC"], max_results=5000)
+    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial'", order_by=["attributes.start_time ASC"], max_results=5000)
     if sweep and sweep != "all":
-        sweeps = [r.data.tags.get(tracking.SWEEP_TAG) for r in runs]
+        sweeps = [r.data.tags.get(tracking.SWEEP_TAG) for r in runs if r.info.status == "FINISHED"]
         wanted = sorted(s for s in sweeps if s)[-1] if sweep == "latest" and any(sweeps) else sweep
         runs = [r for r in runs if r.data.tags.get(tracking.SWEEP_TAG) == wanted]
-    if not runs:
-        raise InputError(f"experiment {experiment!r} has no finished trial runs (sweep {sweep}) at {uri}")
     records = []
     for run in runs:
+        if not has_predictions(mlflow_client, run):
+            stopped = run.data.tags.get(tracking.STOPPED_BY_TAG)
+            why = f", stopped by {stopped} at epoch {run.data.tags.get(tracking.EPOCHS_TAG, '?')}" if stopped else ""
+            log(f"note: skipping {run.data.tags.get('mlflow.runName', run.info.run_id)} ({run.info.status}{why}): no test predictions")
+            continue
         for artifact in (metrics.CONFIG_FILE, metrics.PREDICTIONS_FILE):
             download(uri, run.info.run_id, artifact, cache)
         history = {k: [(m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, k)] for k in metrics.EPOCH_METRICS}
         records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
                                  run.data.metrics, cache / run.info.run_id, uri, history))
+    if not records:
+        raise InputError(f"experiment {experiment!r} has no finished trial runs with test predictions (sweep {sweep}) at {uri}")
     return records
+
+
+def has_predictions(mlflow_client, run) -> bool:
+    """A FINISHED run that logged its test predictions (a pruned run that ended FINISHED would not have them)."""
+    return run.info.status == "FINISHED" and any(a.path == metrics.PREDICTIONS_FILE for a in mlflow_client.list_artifacts(run.info.run_id))
 
 
 def load_model(record: RunRecord, device: str = "cpu"):

@@ -34,7 +34,8 @@ def trial_config(arch: str, n_train: int, epochs: int = 1, **extra):
 
     problems: list = []
     data = {"name": "synthetic", "n_train": n_train, "n_test": 256, "val_fraction": 0.0}
-    cfg = build(TrialConfig, {"arch": arch, "augment": "cropflip", "epochs": epochs, "batch_size": 128, "data": data, **extra}, "", problems)
+    cfg = build(TrialConfig, {"arch": arch, "augment": "cropflip", "epochs": epochs, "batch_size": 128, "data": data, "schedule": {"name": "cosine"},
+                              **extra}, "", problems)
     assert not problems, problems
     return cfg
 

@@ -1,0 +1,80 @@
+"""What the driver checks and records around a launch: the data, once, before Ray starts; a record per launch.
+
+Each launch writes ``<storage>/<sweep id>/stresslab.json`` (experiment, sweep id, kind, MLflow ids, status), so
+``--resume`` finds the newest interrupted *sweep* of exactly that experiment, never a ``--rerun-best`` launch or
+an experiment whose name merely starts the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from config import ExperimentConfig
+from schema import InputError, expand_grid, set_path
+
+RECORD_FILE = "stresslab.json"
+FINISHED = "finished"
+
+
+def write_record(storage: str, sweep: dict, status: str) -> None:
+    """Create or update the launch record of ``sweep`` (atomically: a reader never sees half a file)."""
+    folder = Path(storage) / sweep["sweep_id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {k: sweep[k] for k in ("experiment", "sweep_id", "kind", "tracking_uri", "experiment_id", "parent_run_id")} | {"status": status}
+    tmp = folder / f".{RECORD_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, folder / RECORD_FILE)
+
+
+def read_records(storage: str) -> list[dict]:
+    """Every launch record under ``storage`` with its Ray folder, oldest first (sweep ids carry the start time)."""
+    out = []
+    for path in Path(storage).glob(f"*/{RECORD_FILE}"):
+        try:
+            out.append(json.loads(path.read_text()) | {"path": str(path.parent)})
+        except (OSError, ValueError):
+            continue  # a record being replaced or damaged is not a launch to resume
+    return sorted(out, key=lambda r: (r["sweep_id"].rsplit("-", 2)[-2:], r["sweep_id"]))
+
+
+def resume_target(storage: str, name: str) -> dict:
+    """The newest sweep of experiment ``name`` that did not finish."""
+    candidates = [r for r in read_records(storage) if r["experiment"] == name and r["kind"] == "trial" and r["status"] != FINISHED]
+    if not candidates:
+        raise InputError(f"no interrupted sweep of {name!r} under {storage} to resume (launches that finished, --rerun-best launches and "
+                         f"other experiments are never resumed); start one without --resume")
+    return candidates[-1]
+
+
+# --- the data, checked once by the driver -------------------------------------------------------
+
+
+def data_configs(cfg: ExperimentConfig) -> list[dict]:
+    """The distinct ``data`` sections the trials of ``cfg`` will load (a grid may vary them)."""
+    seen: dict[str, dict] = {}
+    for point in expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed):
+        trial = cfg.trial_dict()
+        for key, value in point.items():
+            trial = set_path(trial, key, value)
+        seen.setdefault(json.dumps(trial["data"], sort_keys=True, default=str), trial["data"])
+    return list(seen.values())
+
+
+def prepare_data(cfg: ExperimentConfig, log=print) -> None:
+    """Download (with ``download: true``) or check every data set the trials need, decoding it into the cache once.
+
+    Raises InputError naming the data set, its path, the cause and the fix, before any trial starts."""
+    from data_zoo import load_images
+    from data_zoo.sources import get_source
+
+    for data in data_configs(cfg):
+        options = {k: v for k, v in data.items() if k not in ("name", "root", "cache_dir", "val_fraction", "subset", "test_subset", "split_seed")}
+        log(f"data: checking {data['name']} at {data['root']}" + (" (downloading if missing)" if data.get("download") else ""))
+        try:
+            load_images(data["name"], data.get("root"), data.get("cache_dir"), **options)
+        except (OSError, RuntimeError, ValueError) as err:
+            hint = getattr(get_source(data["name"]), "hint", "") or "check data.root"
+            cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
+            raise InputError(f"data set {data['name']!r} is not usable at {data['root']} ({cause}). Fix: {hint}") from None
+
