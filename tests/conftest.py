@@ -32,9 +32,10 @@ TINY = {
 
 
 # Set before anything starts Ray, so the trial workers inherit them: the tests decode into their own
-# cache (never the user's), send no usage stats, and sample system metrics often (tiny trials last seconds).
+# cache (never the user's), send no usage stats, listen on loopback, and sample system metrics often (tiny trials last seconds).
 os.environ["STRESSLAB_CACHE"] = tempfile.mkdtemp(prefix="stresslab-test-cache-")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the tests' own Ray binds to loopback, as sweep.py's local one does
 os.environ["STRESSLAB_SYSTEM_METRICS_INTERVAL"] = "1"
 
 

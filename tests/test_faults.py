@@ -50,12 +50,12 @@ def kill_when_training(uri: str, experiment: str, name: str, epoch: int, killed:
 
 
 def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
-    grid = {"data.name": ["synthetic", "imagefolder"], "optimizer.lr": [0.05, 1.0e6]}
-    path = write_experiments(tmp_path / "e.yaml", {"faults": {"epochs": 4, "max_failures": 1, "schedule": {"name": "constant"}, "grid": grid}},
-                             defaults={"data": {**TINY["data"], "root": str(tmp_path / "missing")}})
+    # A crop padding of -40 passes validation but cannot crop a 32-pixel image: those trials raise in training.
+    grid = {"augment_params.crop.padding": [4, -40], "optimizer.lr": [0.05, 1.0e6]}
+    path = write_experiments(tmp_path / "e.yaml", {"faults": {"epochs": 4, "max_failures": 1, "schedule": {"name": "constant"}, "augment": "cropflip", "grid": grid}})
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     killed: list = []
-    watcher = threading.Thread(target=kill_when_training, args=(uri, "faults", "plain_cnn-none-s42-synthetic-lr0.05", 2, killed), daemon=True)
+    watcher = threading.Thread(target=kill_when_training, args=(uri, "faults", "plain_cnn-cropflip-s42-padding4-lr0.05", 2, killed), daemon=True)
     watcher.start()
     code = sweep.main(["--config", str(path), "--experiment", "faults", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
     watcher.join(timeout=5)
@@ -68,26 +68,26 @@ def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED", "FAILED"}
 
     # SIGKILL mid-training: restarted from its checkpoint, same run, same final metrics as an uninterrupted run.
-    (survivor,) = by_name["plain_cnn-none-s42-synthetic-lr0.05"]
+    (survivor,) = by_name["plain_cnn-cropflip-s42-padding4-lr0.05"]
     assert killed and survivor.info.status == "FINISHED" and survivor.data.tags["pid"] != str(killed[0])
     assert steps(client, survivor.info.run_id, metrics.TRAIN_LOSS) == [1, 2, 3, 4]  # no duplicate steps
     problems: list = []
-    cfg = build(TrialConfig, {k: v for k, v in TINY.items() if k not in ("resources", "max_failures")} | {"epochs": 4, "schedule": {"name": "constant"}}, "", problems)
+    cfg = build(TrialConfig, {k: v for k, v in TINY.items() if k not in ("resources", "max_failures")} | {"epochs": 4, "schedule": {"name": "constant"}, "augment": "cropflip"}, "", problems)
     expected = fit(cfg, TrialRun(), lambda values, state: None, threads=1)
     for key in (metrics.TEST_ACC, metrics.TEST_LOSS, metrics.TRAIN_LOSS):
         assert survivor.data.metrics[key] == expected[key], key
     FAULT_SUMMARY.append(f"worker SIGKILL mid-epoch   trials affected: 1  restarted from checkpoint: yes  results lost: 0")
 
     # NaN loss: stops at once, FAILED, not retried into the same divergence.
-    (diverged,) = by_name["plain_cnn-none-s42-synthetic-lr1e+06"]
+    (diverged,) = by_name["plain_cnn-cropflip-s42-padding4-lr1e+06"]
     assert diverged.info.status == "FAILED" and "training loss is" in diverged.data.tags["error"] and "diverged" in diverged.data.tags
     assert steps(client, diverged.info.run_id, metrics.TRAIN_LOSS) == []
     FAULT_SUMMARY.append("loss NaN/inf               trials affected: 1  stopped at epoch 1, FAILED  results lost: 0")
 
     # A trial that raises: FAILED with its error kept, the others unaffected.
-    raised = by_name["plain_cnn-none-s42-imagefolder-lr0.05"] + by_name["plain_cnn-none-s42-imagefolder-lr1e+06"]
+    raised = by_name["plain_cnn-cropflip-s42-padding-40-lr0.05"] + by_name["plain_cnn-cropflip-s42-padding-40-lr1e+06"]
     for run in raised:
-        assert run.info.status == "FAILED" and f"no data files under {tmp_path / 'missing'}" in run.data.tags["error"]
+        assert run.info.status == "FAILED" and "RuntimeError" in run.data.tags["error"]
     FAULT_SUMMARY.append(f"trial raises               trials affected: {len(raised)}  marked FAILED with error  results lost: 0")
     parent = runs_of(uri, "faults", "sweep")[1][0]
     assert parent.info.status == "FAILED"
@@ -118,8 +118,14 @@ def test_driver_sigterm_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert driver.returncode == 1 and "interrupted" in out, out[-3000:]
     client, runs = runs_of(uri, "tiny")
     assert not any(r.info.status == "RUNNING" for r in runs)
+    (interrupted,) = [p for p in (tmp_path / "ray").iterdir() if p.name.startswith("tiny-")]
+    # a --rerun-best in between is a newer launch of the same experiment; --resume must still pick the interrupted sweep
+    rerun = subprocess.run(sweep_cmd(path, uri, tmp_path / "ray", "--rerun-best"), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert len(list((tmp_path / "ray").iterdir())) == 2
     resumed = subprocess.run(sweep_cmd(path, uri, tmp_path / "ray", "--resume"), cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming {interrupted}" in resumed.stdout
     client, runs = runs_of(uri, "tiny")
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}  # none duplicated, none left RUNNING
     for run in runs:
@@ -127,7 +133,7 @@ def test_driver_sigterm_then_resume_loses_and_duplicates_nothing(tmp_path):
         if run.info.run_id in finished_before:
             assert run.info.end_time == finished_before[run.info.run_id]  # not re-run
     assert runs_of(uri, "tiny", "sweep")[1][0].info.status == "FINISHED"
-    FAULT_SUMMARY.append(f"driver SIGTERM + --resume  trials affected: {4 - len(finished_before)}  finished kept: {len(finished_before)}  results lost: 0")
+    FAULT_SUMMARY.append(f"driver SIGTERM, rerun, --resume  trials affected: {4 - len(finished_before)}  finished kept: {len(finished_before)}  results lost: 0")
 
 
 def test_sixteen_concurrent_trials_log_every_metric(tmp_path):
