@@ -6,8 +6,10 @@ an experiment whose name merely starts the same.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from config import ExperimentConfig
@@ -45,6 +47,38 @@ def resume_target(storage: str, name: str) -> dict:
         raise InputError(f"no interrupted sweep of {name!r} under {storage} to resume (launches that finished, --rerun-best launches and "
                          f"other experiments are never resumed); start one without --resume")
     return candidates[-1]
+
+
+@contextlib.contextmanager
+def ray_output_to(log: Path, enabled: bool = True):
+    """Send everything this process writes to stdout and stderr (Ray's trial tables, forwarded worker logs, MLflow's
+    links) to ``log``, at the file-descriptor level; the sweep view keeps writing to the real terminal."""
+    from callbacks import CONSOLE
+
+    if not enabled:
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    with open(log, "a") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        CONSOLE.append(terminal)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            CONSOLE.remove(terminal)
+            terminal.write("\n" if terminal.isatty() else "")
+            terminal.close()
 
 
 # --- the data, checked once by the driver -------------------------------------------------------

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://head:10001)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
     p.add_argument("--storage", default=str(RESULTS_DIR), help=f"Ray results folder; shared storage on a cluster (default: {RESULTS_DIR})")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output (trial tables, worker logs) instead of sending it to "
+                                                          "<storage>/<sweep id>/launch.log")
     return p.parse_args(argv)
 
 
@@ -107,10 +109,14 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=data)
 
 
-def available_gpus() -> int:
+def available_gpus() -> float:
+    """GPUs a local Ray will have: the CUDA devices, or what RAY_OVERRIDE_RESOURCES declares to Ray (its own override)."""
+    import json
+
     import torch
 
-    return torch.cuda.device_count()
+    declared = json.loads(os.environ.get("RAY_OVERRIDE_RESOURCES") or "{}").get("GPU")
+    return float(declared) if declared is not None else torch.cuda.device_count()
 
 
 def check_gpus(name: str, cfg: ExperimentConfig, gpus: float) -> None:
@@ -150,13 +156,13 @@ def sweep_context(name: str, cfg: ExperimentConfig, args: argparse.Namespace, ki
             "tags": tags, "kind": kind, "threads": max(1, int(cfg.resources.cpu)), "scheduler": cfg.scheduler.name}
 
 
-def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
+def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str, verbose: bool = False):
     """A Tuner over the grid with ``trainable.train`` and the experiment's resources and scheduler."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     import trainable
-    from callbacks import MlflowStatusCallback, ProgressCallback
+    from callbacks import MlflowStatusCallback, SweepView
 
     scheduler = None
     if cfg.scheduler.name == "asha":
@@ -175,8 +181,8 @@ def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str):
             name=sweep["sweep_id"], storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[MlflowStatusCallback(sweep["tracking_uri"], cfg.scheduler.name), ProgressCallback()],
-            verbose=1,
+            callbacks=[MlflowStatusCallback(sweep["tracking_uri"], cfg.scheduler.name), SweepView(len(points), cfg.epochs, cfg.metric, cfg.mode)],
+            verbose=1 if verbose else 0,
         ),
     )
 
@@ -247,9 +253,13 @@ def run_tuner(name: str, cfg: ExperimentConfig, args: argparse.Namespace, sweep:
                                    resume_unfinished=True, resume_errored=True)
     else:
         print(f"sweep {sweep['sweep_id']}: MLflow experiment {name!r} at {sweep['tracking_uri']}")
-        tuner = build_tuner(cfg, sweep, args.storage)
+        tuner = build_tuner(cfg, sweep, args.storage, args.verbose)
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))  # Tune saves its state on SIGINT
-    return tuner.fit()
+    log = Path(args.storage) / sweep["sweep_id"] / "launch.log"
+    if not args.verbose:
+        print(f"Ray's own output (trial tables, worker logs): {log}", flush=True)
+    with launches.ray_output_to(log, enabled=not args.verbose):
+        return tuner.fit()
 
 
 def pruned_trials(sweep: dict) -> dict[str, str]:
@@ -270,10 +280,11 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storag
                   else "done" if metrics.TEST_ACC in m else "unfinished")
         rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
     rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))
-    print(f"\n{'trial':<40}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
+    width = max([len("trial"), *(len(str(r[0])) for r in rows)]) + 2  # full names, never cut
+    print(f"\n{'trial':<{width}}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
     for folder, value, test_acc, epochs, status in rows:
         fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
-        print(f"{str(folder)[:39]:<40}{fmt(value):>10}{fmt(test_acc):>10}{str(epochs or '-'):>8}  {status}")
+        print(f"{str(folder):<{width}}{fmt(value):>10}{fmt(test_acc):>10}{str(epochs or '-'):>8}  {status}")
     failed = sum(r[4].startswith("ERROR") for r in rows)
     unfinished = sum(r[4] == "unfinished" for r in rows)
     pruned = sum(r[4].startswith("pruned") for r in rows)
@@ -283,9 +294,17 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storag
         print(f"\ninterrupted: {unfinished} trials unfinished; their state is saved. Continue with:\n  python sweep.py --experiment {name} --resume")
         return 1
     done = len(rows) - failed - pruned
-    print(f"\n{done}/{len(rows)} trials finished" + (f", {pruned} pruned by {cfg.scheduler.name}" if pruned else "")
-          + f". Compare them in the MLflow UI:\n  mlflow ui --backend-store-uri {sweep['tracking_uri']} --host 127.0.0.1 --port 5000")
+    print(f"\n{done}/{len(rows)} trials finished" + (f", {pruned} pruned by {cfg.scheduler.name}" if pruned else "") + ". " + ui_hint(sweep))
     return 1 if failed else 0
+
+
+def ui_hint(sweep: dict) -> str:
+    """How to open this experiment's runs table: the tracking server's own page, or the local UI command and its URL."""
+    uri, route = sweep["tracking_uri"], f"#/experiments/{sweep['experiment_id']}/runs"
+    if uri.startswith(("http://", "https://")):
+        return f"Compare them in the MLflow UI:\n  {uri.rstrip('/')}/{route}"
+    return (f"Compare them in the MLflow UI:\n  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+            f"then open http://127.0.0.1:5000/{route}")
 
 
 def close_runs(uri: str, sweep: dict, parent_status: str, error: BaseException | None = None) -> None:

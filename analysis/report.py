@@ -1,9 +1,15 @@
-"""One self-contained HTML report (images embedded), and the analysis run that keeps it in MLflow."""
+"""The HTML report, and the analysis run that keeps it in MLflow.
+
+Built for 36+ runs: conclusions and comparisons first, one overview table whose rows link to per-run
+sections collapsed in ``<details>``, a table of contents, and figures as PNG files beside the HTML
+(relative, lazy-loaded links), so the page opens fast and the folder is one MLflow artifact.
+"""
 from __future__ import annotations
 
-import base64
+import contextvars
 import html
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +21,10 @@ import tracking
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}
-h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}.note{color:#555;font-size:.9em}"""
+h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}.note{color:#555;font-size:.9em}
+details{margin:.3em 0;border:1px solid #ddd;border-radius:4px;padding:.2em .6em}summary{cursor:pointer;font-weight:600}
+nav{font-size:.9em}nav a{margin-right:1em}.conclusions li{margin:.3em 0}"""
+ROOT: contextvars.ContextVar[Path] = contextvars.ContextVar("report_root")  # figure links are relative to the report's folder
 
 
 def esc(value) -> str:
@@ -23,16 +32,29 @@ def esc(value) -> str:
 
 
 def img(path: Path | None, alt: str) -> str:
-    """An <img> with the PNG embedded, so the report opens standalone."""
+    """A lazy-loaded <img> of a figure file beside the report (a relative link: the folder moves as a whole)."""
     if not path or not Path(path).exists():
         return ""
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}"><figcaption class="note">{esc(alt)}</figcaption></figure>'
+    src = Path(os.path.relpath(Path(path).resolve(), ROOT.get().resolve())).as_posix()
+    return f'<figure><img alt="{esc(alt)}" loading="lazy" src="{esc(src)}"><figcaption class="note">{esc(alt)}</figcaption></figure>'
+
+
+class Link(str):
+    """A table cell that links to ``href`` (a run's collapsed section)."""
+
+    def __new__(cls, text: str, href: str):
+        obj = super().__new__(cls, text)
+        obj.href = href
+        return obj
+
+
+def cell(value) -> str:
+    return f"<a href='{esc(value.href)}'>{esc(value)}</a>" if isinstance(value, Link) else esc(value)
 
 
 def table(headers: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -55,15 +77,21 @@ def setup_section(experiment: str, uri: str, threshold: float, analyses) -> str:
             f"{esc(', '.join(varying) or 'none')}. Shared settings of the first run:</p>" + table(["setting", "value"], rows))
 
 
+def selection_key(a) -> tuple:
+    """Runs ranked on the validation split (never on test); test accuracy only breaks ties or stands in without validation."""
+    m = a.run.metrics
+    return (m.get(metrics.VAL_ACC, float("-inf")), m.get(metrics.TEST_ACC, 0))
+
+
 def results_section(analyses, figures: dict) -> str:
     rows = []
-    for a in sorted(analyses, key=lambda a: -a.run.metrics.get(metrics.TEST_ACC, 0)):
+    for a in sorted(analyses, key=selection_key, reverse=True):
         m = a.run.metrics
         road = [f"{a.road[k]:+.3f}" if k in a.road else "-" for k in ("Grad-CAM", "random map", "centred blob")]
-        rows.append([a.run.name, fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)), m.get(metrics.TEST_EPOCH, "-"),
+        rows.append([Link(a.run.name, "#" + anchor(a.run.name)), fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)), m.get(metrics.TEST_EPOCH, "-"),
                      len(a.failures), f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", *road, a.run.run_id[:8]])
     images = next((a.road.get("images") for a in analyses if a.road), 0)
-    return ("<h2>Results</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "tested epoch", "failures", "Grad-CAM layer",
+    return ("<h2 id='results'>Results: every run</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "tested epoch", "failures", "Grad-CAM layer",
                                        "ROAD Grad-CAM", "ROAD random map", "ROAD centred blob", "run id"], rows)
             + f"<p class='note'>ROAD (pytorch-grad-cam's ROADCombined, percentiles 20-80, seeded imputation) on the same {images} seeded test "
               "images per run, for the predicted class: (drop when the most relevant pixels are removed - drop when the least relevant are) / 2. "
@@ -74,15 +102,20 @@ def results_section(analyses, figures: dict) -> str:
             + img(figures.get("per_class"), "per-class test accuracy") + img(figures.get("worst"), "worst classes"))
 
 
+def anchor(name: str) -> str:
+    return "run-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
 def failures_section(analyses, figures: dict) -> str:
-    parts = ["<h2>High-confidence failures and Grad-CAM</h2>"]
+    parts = ["<h2 id='failures'>High-confidence failures and Grad-CAM, per run</h2><p class='note'>One collapsed section per run; "
+             "open it from here or from its name in the table above.</p>"]
     for a in analyses:
         cats = [[c.name, c.evidence, ", ".join(map(str, c.test_indices[:12])) + (" ..." if len(c.test_indices) > 12 else "")] for c in a.categories]
-        parts.append(f"<h3>{esc(a.run.name)}: {len(a.failures)} failures</h3>")
+        parts.append(f"<details id='{anchor(a.run.name)}'><summary>{esc(a.run.name)}: {len(a.failures)} failures</summary>")
         parts.append(table(["category", "evidence", "test indices"], cats) if cats else "<p class='note'>No failure above the threshold.</p>")
         parts.append(img(a.figures.get("failures"), "most confident failures: #index truth->prediction confidence"))
         parts.append(img(a.figures.get("gradcam"), f"Grad-CAM on {a.layer} ({a.resolution[0]}x{a.resolution[1]}) for the predicted and the true class"))
-        parts.append(img(a.figures.get("confusion"), f"normalised confusion matrix, {a.run.name}"))
+        parts.append(img(a.figures.get("confusion"), f"normalised confusion matrix, {a.run.name}") + "</details>")
     parts.append(img(figures.get("gallery"), "class gallery: Grad-CAM of the predicted class for the first test images of chosen classes"))
     return "".join(parts)
 
@@ -152,8 +185,9 @@ def persistent_section(extra: dict) -> str:
 def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
     """Sentences computed from the numbers above, nothing else."""
     out = []
-    best = max(analyses, key=lambda a: a.run.metrics.get(metrics.TEST_ACC, 0))
-    out.append(f"Best run: {best.run.name} with {fmt(best.run.metrics.get(metrics.TEST_ACC))}% test accuracy and {len(best.failures)} high-confidence failures.")
+    best = max(analyses, key=selection_key)
+    out.append(f"Best run by validation accuracy: {best.run.name}, {fmt(best.run.metrics.get(metrics.VAL_ACC))}% on validation, "
+               f"{fmt(best.run.metrics.get(metrics.TEST_ACC))}% test accuracy and {len(best.failures)} high-confidence failures.")
     pairs = Counter((f["true_class"], f["predicted_class"]) for a in analyses for f in a.failures)
     total = sum(pairs.values())
     if total:
@@ -203,12 +237,25 @@ def change_sentence(c, s: dict) -> str:
                    f"{churn['new'][0]:.1f} ± {churn['new'][1]:.1f}. The change moves failures {where} that churn.")
 
 
+SECTIONS = (("conclusions", "Conclusions"), ("comparisons", "Comparisons"), ("results", "Every run"), ("robustness", "Corruptions"),
+            ("calibration", "Calibration"), ("persistent", "Persistent failures"), ("failures", "Per run: failures and Grad-CAM"), ("setup", "Setup"))
+
+
 def write_report(out: Path, experiment: str, uri: str, threshold: float, analyses, comparisons, figures: dict, extra: dict) -> Path:
-    """``out/report.html`` plus ``out/summary.json``."""
+    """``out/report.html`` (conclusions first, figures linked beside it) plus ``out/summary.json``."""
     lines = conclusions(analyses, comparisons, extra)
-    body = (f"<h1>Stress test: {esc(experiment)}</h1>" + setup_section(experiment, uri, threshold, analyses) + results_section(analyses, figures)
-            + failures_section(analyses, figures) + comparison_section(comparisons) + robustness_section(extra) + calibration_section(extra) + persistent_section(extra)
-            + "<h2>Conclusions</h2><ul>" + "".join(f"<li>{esc(s)}</li>" for s in lines) + "</ul>")
+    token = ROOT.set(out)
+    try:
+        nav = "<nav>" + "".join(f"<a href='#{key}'>{title}</a>" for key, title in SECTIONS) + "</nav>"
+        body = (f"<h1>Stress test: {esc(experiment)}</h1>" + nav
+                + f"<h2 id='conclusions'>Conclusions</h2><p class='note'>{len(analyses)} runs; computed from the numbers below.</p>"
+                + "<ul class='conclusions'>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>"
+                + "<div id='comparisons'>" + comparison_section(comparisons) + "</div>"
+                + results_section(analyses, figures) + "<div id='robustness'>" + robustness_section(extra) + "</div>"
+                + "<div id='calibration'>" + calibration_section(extra) + "</div><div id='persistent'>" + persistent_section(extra) + "</div>"
+                + failures_section(analyses, figures) + "<div id='setup'>" + setup_section(experiment, uri, threshold, analyses) + "</div>")
+    finally:
+        ROOT.reset(token)
     path = out / "report.html"
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>stresslab: {esc(experiment)}</title><style>{STYLE}</style></head><body>{body}</body></html>")
     summary = {"experiment": experiment, "threshold": threshold, "conclusions": lines,

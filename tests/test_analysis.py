@@ -227,8 +227,15 @@ def test_road_is_reported_beside_its_references(analysed):
 def test_report_is_written_with_embedded_figures(analysed):
     out, path = analysed
     text = path.read_text()
-    assert text.count("data:image/png;base64,") >= 10 and "<h2>Conclusions</h2>" in text and "McNemar" in text
-    assert 'src="http' not in text and "src='http" not in text  # standalone
+    import re
+
+    sources = re.findall(r'<img alt="[^"]*" loading="lazy" src="([^"]+)"', text)
+    assert len(sources) >= 10 and all((out / src).is_file() for src in sources)  # relative links to files beside the report
+    assert "base64" not in text and not any(src.startswith(("http", "/")) for src in sources)
+    assert text.index("<h2 id='conclusions'>") < text.index("Comparison:") < text.index("<h2 id='results'>") < text.index("<details")
+    for name in re.findall(r"<a href='#(run-[^']+)'>", text):  # every overview row opens its run's section
+        assert f"<details id='{name}'>" in text
+    assert "McNemar" in text
     for name in ("training_curves.png", "metrics.png", "per_class_accuracy.png", "worst_classes.png", "class_gallery.png", "summary.json"):
         assert (out / name).exists(), name
 
@@ -257,7 +264,7 @@ def test_comparison_pairs_runs_by_seed(analysed):
 
 def test_tracking_server_gives_the_same_failures(finished_sweep, analysed, tmp_path):
     with mlflow_service("server", finished_sweep["uri"]) as base:
-        run_analysis("tiny", base, tmp_path, threshold=0.5, max_cams=20, log_to_mlflow=False, corruption_images=0)
+        run_analysis("tiny", base, tmp_path, threshold=0.5, max_cams=20, log_to_mlflow=False, corruption_images=0, road_images=4)
     local_out, _ = analysed
     for folder in (local_out / "runs").iterdir():
         local = json.loads((folder / "failures.json").read_text())

@@ -99,6 +99,6 @@ def test_nothing_to_resume_or_analyse_exits_2_with_the_reason(tmp_path, capsys):
     path = write_experiments(tmp_path / "e.yaml", {"ok": {}})
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     assert sweep.main(["--config", str(path), "--experiment", "ok", "--resume", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 2
-    assert f"no launch of 'ok' under {tmp_path / 'ray'} to resume" in capsys.readouterr().err
+    assert f"no interrupted sweep of 'ok' under {tmp_path / 'ray'} to resume" in capsys.readouterr().err
     assert analysis_main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err

@@ -258,9 +258,11 @@ def test_checkpoint_state_loads_weights_only(tmp_path):
 
 def test_end_of_trial_robustness_is_reported_as_metrics():
     result = fit(tiny(epochs=1, robustness=True, robustness_images=40), TrialRun(), Recorder())
-    assert 0 <= result[metrics.MEAN_CORRUPTION_ACC] <= 1
+    from corruptions import CORRUPTIONS
+
     per_corruption = [k for k in result if k.startswith("robustness/") and k != metrics.MEAN_CORRUPTION_ACC]
-    assert len(per_corruption) >= 10
+    assert sorted(per_corruption) == sorted(metrics.CORRUPTION_ACC.format(c) for c in CORRUPTIONS)
+    assert all(round(result[k] * 200) == pytest.approx(result[k] * 200, abs=1e-6) for k in per_corruption)  # means of 5 accuracies on 40 images
     assert result[metrics.MEAN_CORRUPTION_ACC] == pytest.approx(np.mean([result[k] for k in per_corruption]))
 
 
