@@ -174,7 +174,17 @@ def test_exceptions_after_the_parent_run_leave_nothing_running(tmp_path, monkeyp
     assert parent.info.status == "FAILED" and "injected failure" in parent.data.tags["error"] and no_running(uri, "tiny")
 
 
-def test_a_failed_restore_and_a_failed_upload_leave_nothing_running(tmp_path, monkeypatch, capsys):
+def run_of_a_gone_driver(uri: str) -> str:
+    """A RUNNING trial run tagged with the driver id of a process that has exited; returns its id."""
+    client = tracking.client(uri)
+    exp_id = tracking.ensure_experiment(client, "tiny", "", uri)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    driver = f"{socket.gethostname()}:{gone.pid}:{psutil.Process().create_time():.0f}"
+    return client.create_run(exp_id, tags={tracking.DRIVER_TAG: driver, tracking.KIND_TAG: "trial"}).info.run_id
+
+
+def test_orphans_are_reaped_and_a_failed_restore_or_upload_leaves_nothing_running(tmp_path, monkeypatch, capsys):
     import json
 
     from ray import tune
@@ -184,7 +194,11 @@ def test_a_failed_restore_and_a_failed_upload_leave_nothing_running(tmp_path, mo
     path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 1}})
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     argv = ["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]
+    orphan = run_of_a_gone_driver(uri)
     assert sweep.main(argv) == 0
+    reaped = mlflow.MlflowClient(uri).get_run(orphan)  # the launch closed what a dead driver had left RUNNING
+    assert reaped.info.status == "KILLED" and "is gone" in reaped.data.tags["killed_because"]
+    assert "left RUNNING by a driver that is gone" in capsys.readouterr().out
     (record,) = (tmp_path / "ray").glob("*/stresslab.json")
     record.write_text(json.dumps(json.loads(record.read_text()) | {"status": "interrupted"}))
     monkeypatch.setattr(tune.Tuner, "restore", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure in Tuner.restore")))
@@ -199,21 +213,6 @@ def test_a_failed_restore_and_a_failed_upload_leave_nothing_running(tmp_path, mo
         log_analysis_run(uri, "tiny", tmp_path / "report", 0.9)
     (analysis,) = runs(uri, "tiny", "analysis")
     assert analysis.info.status == "FAILED" and no_running(uri, "tiny")
-
-
-def test_runs_of_a_driver_that_is_gone_are_reaped_by_the_next_launch(tmp_path, capsys):
-    path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 1}})
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    client = tracking.client(uri)
-    exp_id = tracking.ensure_experiment(client, "tiny", "", uri)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    started = psutil.Process().create_time()
-    orphan = client.create_run(exp_id, tags={tracking.DRIVER_TAG: f"{socket.gethostname()}:{gone.pid}:{started:.0f}", tracking.KIND_TAG: "trial"})
-    assert sweep.main(["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
-    run = client.get_run(orphan.info.run_id)
-    assert run.info.status == "KILLED" and "is gone" in run.data.tags["killed_because"]
-    assert "left RUNNING by a driver that is gone" in capsys.readouterr().out
 
 
 # --- a locked store while trials finish -------------------------------------------------------
