@@ -103,7 +103,7 @@ def train(config: dict) -> None:
     except Exception as err:
         run.finish("FAILED", err)
         raise
-    except SystemExit as err:  # Tune stopped the trial inside tune.report: a scheduler (ASHA at a rung or at max_t) or the driver
+    except SystemExit:  # Tune stopped the trial inside tune.report: a scheduler (ASHA at a rung or at max_t) or the driver
         if progress["tested"]:  # it had trained every epoch and logged the test set: it finished
             run.finish("FINISHED")
         else:  # pruned or interrupted: the driver's callback adds stopped_by when a scheduler decided it

@@ -99,8 +99,7 @@ def finished_sweep(tmp_path_factory):
     import sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = write_experiments(tmp / "experiments.yaml", {"tiny": {"description": "tiny test sweep", "robustness": True, "robustness_images": 40,
-                                                                "grid": {"arch": ["plain_cnn", "residual_cnn"], "seed": [1, 2]}}})
+    path = write_experiments(tmp / "experiments.yaml", {"tiny": {"description": "tiny test sweep", "grid": {"arch": ["plain_cnn", "residual_cnn"], "seed": [1, 2]}}})
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     argv = ["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp / "ray")]
     assert sweep.main(argv) == 0

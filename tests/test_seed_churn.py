@@ -13,16 +13,16 @@ from tests.conftest import write_experiments
 def churn_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("churn")
     grid = {"arch": ["plain_cnn", "residual_cnn"], "augment": ["none", "cutout"], "seed": [1, 2, 3]}
-    path = write_experiments(tmp / "e.yaml", {"churn": {"epochs": 1, "grid": grid}})
+    path = write_experiments(tmp / "e.yaml", {"churn": {"epochs": 1, "robustness": True, "robustness_images": 40, "grid": grid}})
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     assert sweep.main(["--config", str(path), "--experiment", "churn", "--tracking-uri", uri, "--storage", str(tmp / "ray")]) == 0
     out = tmp / "report"
-    report = run_analysis("churn", uri, out, threshold=0.5, max_cams=4, log_to_mlflow=False, corruption_images=0, road_images=4)
-    return json.loads((out / "compare" / "none_vs_cutout" / "comparison.json").read_text()), html.unescape(report.read_text())
+    report = run_analysis("churn", uri, out, threshold=0.5, max_cams=4, log_to_mlflow=False, corruption_images=40, road_images=4)
+    return json.loads((out / "compare" / "none_vs_cutout" / "comparison.json").read_text()), html.unescape(report.read_text()), uri, out
 
 
 def test_comparison_json_has_per_architecture_intervals_and_seed_churn(churn_report):
-    data, _ = churn_report
+    data, *_ = churn_report
     strata = {s["stratum"]: s for s in data["strata"]}
     assert set(strata) == {"plain_cnn", "residual_cnn", "pooled over architectures"}
     for arch in ("plain_cnn", "residual_cnn"):
@@ -40,8 +40,8 @@ def test_comparison_json_has_per_architecture_intervals_and_seed_churn(churn_rep
 
 
 def test_report_conclusions_state_the_change_beside_the_churn(churn_report):
-    data, text = churn_report
-    conclusions = text[text.index("<h2>Conclusions</h2>"):]
+    data, text, *_ = churn_report
+    conclusions = text[text.index("<h2 id='conclusions'>"):text.index("<div id='comparisons'>")]
     for s in data["strata"]:
         churn = s["churn"]
         sentence = (f"augment=cutout vs augment=none ({s['stratum']}): accuracy change {s['delta'][0] * 100:+.2f}")
@@ -49,3 +49,19 @@ def test_report_conclusions_state_the_change_beside_the_churn(churn_report):
         assert (f"seed-to-seed churn of the baseline: fixed {churn['fixed'][0]:.1f} ± {churn['fixed'][1]:.1f}, introduced "
                 f"{churn['new'][0]:.1f} ± {churn['new'][1]:.1f}. The change moves failures {'beyond' if s['beyond_churn'] else 'within'} that churn.") in conclusions
     assert "McNemar p < 0.05 in" not in text and "p (Holm)" in text
+
+
+def test_trial_end_robustness_metrics_equal_the_analysis(churn_report):
+    import mlflow
+    import numpy as np
+
+    from analysis.runs import find_runs
+
+    *_, uri, out = churn_report
+    report = json.loads((out / "robustness.json").read_text())
+    client = mlflow.MlflowClient(uri)
+    assert report["images"] == 40
+    for run in find_runs("churn", uri, out / ".artifacts"):
+        logged = client.get_run(run.run_id).data.metrics
+        for name, accuracy in report["runs"][run.name]["accuracy"].items():
+            assert logged[f"robustness/{name}"] == pytest.approx(np.mean(accuracy), abs=1e-12), (run.name, name)

@@ -1,0 +1,96 @@
+"""The best run of an experiment, chosen on validation: rerun it with exactly its config, or register its model.
+
+Selection uses the experiment's own ``metric``/``mode`` (``val/acc``) unless ``--metric`` names another; a
+``test/...`` metric works but prints a warning, since choosing on the test set biases its own test numbers.
+Runs without test predictions (pruned, killed, failed) are skipped with a one-line note each.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable
+
+import metrics
+import tracking
+from config import ExperimentConfig
+from schema import InputError
+from tracking import EPOCHS_TAG, STOPPED_BY_TAG
+
+
+def best_run(uri: str, name: str, metric: str, mode: str):
+    """The finished trial run of experiment ``name`` with the best ``metric`` (a pandas row), among runs with test predictions;
+    every run skipped for lacking them (pruned, killed, failed) gets a one-line note."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = tracking.retry(lambda: mlflow.search_runs(experiment_names=[name], filter_string=f"tags.`{tracking.KIND_TAG}` = 'trial'"))
+    column, tested = f"metrics.{metric}", f"metrics.{metrics.TEST_ACC}"
+    if not runs.empty:
+        usable = (runs.status == "FINISHED") & (runs[tested].notna() if tested in runs else False)
+        for _, run in runs[~usable].iterrows():
+            stopped = run.get(f"tags.{STOPPED_BY_TAG}")
+            why = f", stopped by {stopped} at epoch {run.get(f'tags.{EPOCHS_TAG}')}" if isinstance(stopped, str) and stopped else ""
+            print(f"note: skipping {run['tags.mlflow.runName']} ({run.status}{why}): no test predictions")
+        runs = runs[usable]
+    if runs.empty or column not in runs or runs[column].isna().all():
+        raise InputError(f"experiment {name!r} has no finished run with metric {metric!r} at {uri}; run the sweep first")
+    runs = runs[runs[column].notna()]
+    return runs.sort_values(column, ascending=mode == "min", kind="stable").iloc[0]
+
+
+def selection(cfg: ExperimentConfig, metric: str | None) -> tuple[str, str]:
+    """(metric, mode) that picks the best run: the experiment's own unless ``--metric`` names another; warns on test-set selection."""
+    metric = metric or cfg.metric
+    if metric.startswith("test/"):
+        print(f"warning: selecting the best run by {metric} is selection on the test set: its test metrics are then optimistically "
+              f"biased and no longer an unbiased estimate; select by {cfg.metric} (the default) for a claim about unseen data", file=sys.stderr)
+    return metric, cfg.mode if metric == cfg.metric else ("min" if "loss" in metric or "errors" in metric else "max")
+
+
+def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """Register the best run's logged model, tagged with the run, the metric and the sweep it came from."""
+    import mlflow
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    metric, mode = selection(cfg, args.metric)
+    best = best_run(uri, name, metric, mode)
+    mlflow.set_tracking_uri(uri)
+    value = float(best[f"metrics.{metric}"])
+    tags = {"run_id": best.run_id, "selected_by": metric, "selection_mode": mode, "metric": metric, "metric_value": repr(value),
+            "test_set_selection": str(metric.startswith("test/")).lower(), "experiment": name,
+            "sweep_id": best.get(f"tags.{tracking.SWEEP_TAG}"), "run_name": best["tags.mlflow.runName"]}
+    version = mlflow.register_model(f"runs:/{best.run_id}/model", args.register_best, tags=tags)
+    mlflow.MlflowClient(uri).update_model_version(args.register_best, version.version,
+                                                  description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
+    print(f"registered {args.register_best} version {version.version}: run {best.run_id} ({best['tags.mlflow.runName']}), selected by {metric} = {value:.4f}")
+    return 0
+
+
+def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launch: Callable[..., int]) -> int:
+    """Rerun the best trial with exactly its logged config (``launch``: sweep.py's) as a new run tagged ``rerun_of``; print both."""
+    import mlflow
+    import yaml
+
+    from config import TrialConfig
+    from schema import build
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    metric, mode = selection(cfg, args.metric)
+    best = best_run(uri, name, metric, mode)
+    path = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=metrics.CONFIG_FILE, tracking_uri=uri)
+    problems: list = []
+    trial = build(TrialConfig, yaml.safe_load(Path(path).read_text()), "", problems)
+    if problems:
+        raise InputError(f"the logged config of run {best.run_id} no longer validates: {problems}")
+    rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
+    print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), selected by {metric} = {best[f'metrics.{metric}']:.4f}")
+    code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
+    new = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'", order_by=["attributes.start_time DESC"]).iloc[0]
+    print(f"\n{'metric':<26}{'original':>12}{'rerun':>12}")
+    for key in dict.fromkeys((metric, *metrics.FINAL_METRICS)):
+        a, b = best.get(f"metrics.{key}"), new.get(f"metrics.{key}")
+        print(f"{key:<26}{a:>12.4f}{b:>12.4f}" if a == a and b == b and a is not None and b is not None else f"{key:<26}{a!s:>12}{b!s:>12}")
+    print(f"original run {best.run_id}, rerun {new.run_id}")
+    return code
