@@ -104,7 +104,7 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
 
     for data in data_configs(cfg):
         options = {k: v for k, v in data.items() if k not in ("name", "root", "cache_dir", "val_fraction", "subset", "test_subset", "split_seed")}
-        log(f"data: checking {data['name']} at {data['root']}" + (" (downloading if missing)" if data.get("download") else ""))
+        log(f"data: checking {data['name']} at {data['root']}")
         try:
             load_images(data["name"], data.get("root"), data.get("cache_dir"), **options)
         except (OSError, RuntimeError, ValueError) as err:
