@@ -162,7 +162,7 @@ def robustness_section(extra: dict) -> str:
         return ""
     rows = [[name, fmt(r["clean"]), fmt(r["mean_corruption_acc"]), f"{r['mce'] * 100:.1f}"] for name, r in result["runs"].items()]
     return (f"<h2>Corruption robustness</h2><p>{result['images']} class-balanced test images under {len(next(iter(result['runs'].values()))['accuracy'])} corruptions at severities 1-5 "
-            f"(generated with fixed seeds, CIFAR-10-C style; see analysis/corruptions.py). mCE is relative to "
+            f"(the formulas and CIFAR parameters of make_cifar_c.py, generated with fixed seeds; see corruptions.py). mCE is relative to "
             f"{esc(', '.join(result['baseline_runs']))} (100 = as robust as the baseline).</p>"
             + table(["run", "clean acc %", "mean corruption acc %", "mCE"], rows) + img(result.get("figure"), "accuracy per corruption and run"))
 
