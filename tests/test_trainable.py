@@ -106,12 +106,12 @@ def tiny_train_size() -> int:
 
 
 def test_onecycle_follows_torch_onecyclelr_at_every_step():
-    cfg = tiny(epochs=6, batch_size=64, schedule={"name": "onecycle"}, optimizer={"lr": 0.1})
-    n_train = 8000 * 9 // 10  # the quick experiment: 7,200 training images, 113 steps per epoch
+    cfg = tiny(epochs=6, batch_size=128, schedule={"name": "onecycle"}, optimizer={"lr": 0.1})
+    n_train = 8000 * 9 // 10  # the quick experiment: 7,200 training images, batch 128: 57 steps per epoch
     reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    reference = torch.optim.lr_scheduler.OneCycleLR(reference_opt, max_lr=0.1, total_steps=6 * 113, cycle_momentum=False)
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_opt, max_lr=0.1, total_steps=6 * 57, cycle_momentum=False)
     expected = []
-    for _ in range(6 * 113):
+    for _ in range(6 * 57):
         expected.append(reference_opt.param_groups[0]["lr"])
         reference_opt.step()
         reference.step()
