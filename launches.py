@@ -7,13 +7,14 @@ an experiment whose name merely starts the same.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 from config import ExperimentConfig
-from schema import InputError, expand_grid, set_path
+from schema import InputError, trial_configs
 
 RECORD_FILE = "stresslab.json"
 FINISHED = "finished"
@@ -87,11 +88,9 @@ def ray_output_to(log: Path, enabled: bool = True):
 def data_configs(cfg: ExperimentConfig) -> list[dict]:
     """The distinct ``data`` sections the trials of ``cfg`` will load (a grid may vary them)."""
     seen: dict[str, dict] = {}
-    for point in expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed):
-        trial = cfg.trial_dict()
-        for key, value in point.items():
-            trial = set_path(trial, key, value)
-        seen.setdefault(json.dumps(trial["data"], sort_keys=True, default=str), trial["data"])
+    for trial in trial_configs(cfg):
+        data = dataclasses.asdict(trial.data)
+        seen.setdefault(json.dumps(data, sort_keys=True, default=str), data)
     return list(seen.values())
 
 
@@ -100,15 +99,15 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
 
     Raises InputError naming the data set, its path, the cause and the fix, before any trial starts."""
     from data_zoo import load_images
+    from data_zoo.loader import source_options
     from data_zoo.sources import get_source
 
     for data in data_configs(cfg):
-        options = {k: v for k, v in data.items() if k not in ("name", "root", "cache_dir", "val_fraction", "subset", "test_subset", "split_seed")}
         log(f"data: checking {data['name']} at {data['root']}")
         try:
-            load_images(data["name"], data.get("root"), data.get("cache_dir"), **options)
+            load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
         except (OSError, RuntimeError, ValueError) as err:
-            hint = getattr(get_source(data["name"]), "hint", "") or "check data.root"
+            hint = get_source(data["name"]).hint or "check data.root"
             cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
             raise InputError(f"data set {data['name']!r} is not usable at {data['root']} ({cause}). Fix: {hint}") from None
 

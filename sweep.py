@@ -277,8 +277,7 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storag
     for result in results:
         m = result.metrics or {}
         outcome = outcomes.get(m.get("trial_id", ""), "")
-        status = (f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else outcome if outcome.startswith("pruned")
-                  else "done" if metrics.TEST_ACC in m else "unfinished")
+        status = (f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else outcome or ("done" if metrics.TEST_ACC in m else "unfinished"))
         rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
     rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))
     width = max([len("trial"), *(len(str(r[0])) for r in rows)]) + 2  # full names, never cut

@@ -76,10 +76,14 @@ def balanced_subset(indices: np.ndarray, labels: np.ndarray, size: int, seed: in
     return np.sort(np.concatenate(picked))
 
 
+def source_options(data: dict) -> dict:
+    """The ``data`` settings the source itself takes (the rest choose where, how it is cached and how it is split)."""
+    return {k: v for k, v in data.items() if k not in ("name", "root", "cache_dir", "val_fraction", "subset", "test_subset", "split_seed")}
+
+
 def load_bundle(data: dict, device: torch.device | str = "cpu") -> DataBundle:
     """Load, split and move a data set to ``device`` from the YAML's ``data`` section."""
-    options = {k: v for k, v in data.items() if k not in ("name", "root", "cache_dir", "val_fraction", "subset", "test_subset", "split_seed")}
-    images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **options)
+    images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
     seed = data.get("split_seed", 0)
     train_idx, val_idx = split_indices(images.train_y, data.get("val_fraction", 0.0), seed)
     if data.get("subset"):
