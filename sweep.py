@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.address:
             check_gpus(name, cfg, available_gpus())
     except ConfigError as err:
-        print(f"error: invalid configuration ({args.config}):\n  " + "\n  ".join(err.problems), file=sys.stderr)
-        return 2
+        return refuse(args, err)
     try:
         check_writable(args)
         if args.register_best:
@@ -80,9 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.rerun_best:
             return best.rerun_best(name, cfg, args, launch)
         return launch(name, cfg, args)
+    except ConfigError as err:  # found once the cluster is known (a GPU request no node can meet); the launch closed its runs
+        return refuse(args, err)
     except (PermissionError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def refuse(args: argparse.Namespace, err: ConfigError) -> int:
+    print(f"error: invalid configuration ({args.config}):\n  " + "\n  ".join(err.problems), file=sys.stderr)
+    return 2
 
 
 def check_writable(args: argparse.Namespace) -> None:
@@ -120,11 +126,44 @@ def available_gpus() -> float:
     return float(declared) if declared is not None else torch.cuda.device_count()
 
 
-def check_gpus(name: str, cfg: ExperimentConfig, gpus: float) -> None:
-    """Refuse a per-trial GPU request the cluster cannot meet (Ray would wait forever)."""
+def check_gpus(name: str, cfg: ExperimentConfig, gpus: float, per: str = "machine") -> None:
+    """Refuse a per-trial GPU request no single node can meet (a trial runs on one node; Ray would wait forever)."""
     if cfg.resources.gpu > gpus:
-        raise ConfigError([f"experiments.{name}.resources.gpu: {cfg.resources.gpu:g} GPU per trial but this cluster has {gpus:g}; "
+        where = "this machine has" if per == "machine" else "the largest node of this cluster has"
+        raise ConfigError([f"experiments.{name}.resources.gpu: {cfg.resources.gpu:g} GPU per trial but {where} {gpus:g}; "
                            f"use --set resources.gpu=0 to run on CPU"])
+
+
+# Filesystems every node of a cluster can see (a local disk of the head is not one of them).
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "cephfs", "ceph", "glusterfs", "fuse.")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (longest mount point of /proc/mounts above it); '' if unknown."""
+    path, best = path.resolve(), ("", "")
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) > 2 and (path == Path(fields[1]) or Path(fields[1]) in path.parents) and len(fields[1]) > len(best[0]):
+            best = (fields[1], fields[2])
+    return best[1]
+
+
+def shared_storage_warnings(uri: str, storage: str) -> list[str]:
+    """With --address, trials on other nodes write to the MLflow store and to --storage: say so where they cannot."""
+    found = []
+    local = {"a local SQLite MLflow store": uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None,
+             "--storage": None if "://" in storage else storage}
+    for what, path in local.items():
+        kind = path and filesystem_type(Path(path).parent if what != "--storage" else Path(path))
+        if path and not kind.startswith(SHARED_FILESYSTEMS):
+            hint = "start an MLflow server on the head and pass --tracking-uri http://HEAD:5000" if what != "--storage" else "use a shared folder or s3://"
+            found.append(f"{what} ({path}, {kind or 'unknown'} filesystem) is visible to this node only; trials on other nodes "
+                         f"of the cluster cannot write there ({hint})")
+    return found
 
 
 def print_trial_table(name: str, cfg: ExperimentConfig) -> None:
@@ -247,7 +286,9 @@ def run_tuner(name: str, cfg: ExperimentConfig, args: argparse.Namespace, sweep:
     if args.address:
         import ray
 
-        check_gpus(name, cfg, ray.cluster_resources().get("GPU", 0))
+        check_gpus(name, cfg, max([n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]] or [0]), per="node")
+        for warning in shared_storage_warnings(sweep["tracking_uri"], args.storage):
+            print(f"warning: {warning}", file=sys.stderr)
     if record:
         print(f"resuming {record['path']}")
         tuner = tune.Tuner.restore(record["path"], trainable=tune.with_resources(trainable.train, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}),

@@ -81,6 +81,7 @@ def train(config: dict) -> None:
     sweep = config.get("sweep") or {}
     run = TrialRun.open(sweep, dataclasses.asdict(cfg), name, tune.get_context().get_trial_id(), state and state.get("mlflow_run_id"))
 
+    run.set_tags(placement())
     progress = {"epochs": state["epoch"] if state else 0, "tested": False}
 
     def report(values: dict, checkpoint_state: dict) -> None:
@@ -117,6 +118,16 @@ def train(config: dict) -> None:
         if monitor is not None:
             monitor.finish()
     run.finish("FINISHED")
+
+
+def placement() -> dict[str, str]:
+    """Where Ray placed this trial: its node, that node's host name and the GPU ids it was given (empty on CPU)."""
+    import socket
+
+    import ray
+
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.host": socket.gethostname(),
+            "ray.gpu_ids": ",".join(str(i) for i in ray.get_gpu_ids())}
 
 
 def load_state(folder: str) -> dict:
@@ -171,7 +182,7 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
     values: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs):
         lr = optimizer.param_groups[0]["lr"]
-        values = train_epoch(step_model, bundle, cfg, optimizer, precision, epoch_generator(cfg.seed, epoch), augmenter, device, scheduler)
+        values = train_epoch(step_model, bundle, cfg, optimizer, precision, epoch_generator(cfg.seed, epoch, device), augmenter, device, scheduler)
         if not math.isfinite(values[metrics.TRAIN_LOSS]):
             raise DivergedError(f"training loss is {values[metrics.TRAIN_LOSS]} at epoch {epoch + 1} (lr {lr:g}); lower optimizer.lr or set grad_clip")
         if bundle.val is not None:

@@ -7,7 +7,10 @@ Prints, on whatever device it finds, in one run:
   2. the overhead of Ray Tune + MLflow: a sweep of N trials vs the same trials in a plain process pool
      (half before and half after the sweep, so drift affects both);
   3. Grad-CAM images/s;
-  4. on CUDA, ResNet-18's model-FLOPs utilisation against the GPU's bf16 peak.
+  4. on CUDA, each model's model-FLOPs utilisation against the GPU's bf16 peak (FLOPs counted by
+     ``torch.utils.flop_counter.FlopCounterMode``, forward + backward).
+
+``python -m bench --gpu-proof`` is the GPU proof instead (``bench/gpu_proof.py``; see its --help).
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import torch
 import yaml
 from torch import nn
 
-RESNET18_GFLOPS = 0.56  # forward, one 32x32 image; a training step costs about 3x
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
@@ -40,23 +42,43 @@ def trial_config(arch: str, n_train: int, epochs: int = 1, **extra):
     return cfg
 
 
+def training_flops(arch: str, num_classes: int = 10) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs per 32x32 image, counted by torch's FlopCounterMode (a multiply-add is 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model_zoo import create_model
+
+    model, x = create_model(arch, num_classes), torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as forward:
+        model(x)
+    with FlopCounterMode(display=False) as step:
+        nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    return forward.get_total_flops() / len(x), step.get_total_flops() / len(x)
+
+
+def gpu_peak_tflops(device: torch.device) -> tuple[str, float | None]:
+    """The CUDA device's name and its dense bf16 peak (None where unknown)."""
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
 # --- 1. training throughput -------------------------------------------------------------------
 
 
-def stresslab_images_per_s(arch: str, n: int, device: torch.device) -> float:
-    """One epoch of stresslab's own loop (device-resident uint8, batched augmentation)."""
+def stresslab_images_per_s(arch: str, n: int, device: torch.device, amp: bool = True) -> float:
+    """One epoch of stresslab's own loop (device-resident uint8, batched augmentation; bf16 autocast on CUDA if ``amp``)."""
     from data_zoo import Augmenter, load_bundle
     from engine import build_optimizer, epoch_generator, pick_precision, train_epoch
     from model_zoo import create_model
 
-    cfg = trial_config(arch, n)
+    cfg = trial_config(arch, n, amp=amp)
     bundle = load_bundle(dataclasses.asdict(cfg.data), device)
     model = create_model(arch, len(bundle.classes)).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     augmenter = Augmenter(cfg.augment, fill=bundle.black())
-    result = train_epoch(model, bundle, cfg, optimizer, pick_precision(device, cfg.amp), epoch_generator(0, 0), augmenter, device)
+    result = train_epoch(model, bundle, cfg, optimizer, pick_precision(device, cfg.amp), epoch_generator(0, 0, device), augmenter, device)
     return result["time/images_per_s"]
 
 
@@ -75,8 +97,11 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-def reference_images_per_s(arch: str, n: int, device: torch.device, workers: int) -> float:
-    """The seeds' pipeline: PIL RandomCrop(32, 4) + flip + ToTensor + Normalize, DataLoader with workers, fp32."""
+def reference_images_per_s(arch: str, n: int, device: torch.device, workers: int, amp: bool = False) -> float:
+    """The seeds' pipeline: PIL RandomCrop(32, 4) + flip + ToTensor + Normalize, DataLoader with workers, fp32
+    (``amp``: the same under bf16 autocast on CUDA, so a comparison at equal precision isolates the data pipeline)."""
+    import contextlib
+
     import torchvision.transforms as T
 
     from data_zoo.sources import synthetic
@@ -93,7 +118,8 @@ def reference_images_per_s(arch: str, n: int, device: torch.device, workers: int
     start = time.perf_counter()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(x), y)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext():
+            loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -200,19 +226,19 @@ def bench_gradcam(device: torch.device, n: int) -> None:
         print(f"   {arch:<14}{n / (time.perf_counter() - start):>10.1f} images/s", flush=True)
 
 
-def bench_mfu(device: torch.device, images_per_s: float | None) -> None:
-    print("\n4. ResNet-18 model-FLOPs utilisation")
-    if device.type != "cuda" or images_per_s is None:
+def bench_mfu(device: torch.device, training: dict[str, tuple[float, float]]) -> None:
+    print("\n4. model-FLOPs utilisation (FLOPs per training image counted by FlopCounterMode)")
+    if device.type != "cuda" or not training:
         print("   n/a: no CUDA device (MFU is measured against a GPU's bf16 peak)")
         return
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    achieved = images_per_s * RESNET18_GFLOPS * 3 / 1000
-    print(f"   {name}: {achieved:.1f} TFLOP/s achieved" + (f", {achieved / peak:.1%} of the {peak:.0f} TFLOP/s bf16 dense peak" if peak else " (peak unknown)"))
+    name, peak = gpu_peak_tflops(device)
+    for arch, (images_per_s, _) in training.items():
+        achieved = images_per_s * training_flops(arch)[1] / 1e12
+        print(f"   {arch:<14}{name}: {achieved:.1f} TFLOP/s achieved" + (f", {achieved / peak:.1%} of the {peak:.0f} TFLOP/s bf16 dense peak" if peak else " (peak unknown)"))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="python -m bench --gpu-proof --help: the GPU proof (a CUDA machine)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per model (median reported)")
     p.add_argument("--images", type=int, default=0, help="training images per measurement (default: by model and device)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
@@ -234,8 +260,14 @@ def main() -> None:
         bench_overhead(args.overhead_trials, args.overhead_epochs, args.overhead_images)
     if "gradcam" not in args.skip:
         bench_gradcam(device, args.gradcam_images or (1024 if big else 256))
-    bench_mfu(device, training.get("resnet18", (None,))[0])
+    bench_mfu(device, training)
 
 
 if __name__ == "__main__":
+    import sys
+
+    if "--gpu-proof" in sys.argv[1:]:
+        from bench.gpu_proof import main as gpu_proof
+
+        sys.exit(gpu_proof([a for a in sys.argv[1:] if a != "--gpu-proof"]))
     main()

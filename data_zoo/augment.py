@@ -1,7 +1,8 @@
 """Batched augmentations on the training device, with per-image randomness from a seeded generator.
 
-Ops work on a normalised float batch (N, C, H, W). Random draws come from a CPU ``torch.Generator``
-and are moved to the batch's device, so one seed gives the same augmentation on CPU and GPU.
+Ops work on a normalised float batch (N, C, H, W). Random draws come from a seeded ``torch.Generator`` on the
+batch's device, so a CUDA step copies nothing between host and device (no synchronisation per batch). Each device
+is reproducible on its own; CPU and CUDA generators are different streams, so one seed augments differently on each.
 Presets are named the way the YAML names them; a list of op names composes ops freely.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def crop(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, padding: int
     """Random HxW crop of each image zero-padded (black) by ``padding`` pixels on every side."""
     n, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4) + F.pad(torch.zeros_like(x[:1]), (padding,) * 4, value=1.0) * fill.view(1, c, 1, 1)
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen).to(x.device)
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen, device=x.device)
     rows = (offsets[:, 0, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
     cols = (offsets[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
     batch = torch.arange(n, device=x.device)[:, None, None]
@@ -52,7 +53,7 @@ def crop(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, padding: int
 @register_op
 def flip(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     """Horizontal flip of each image with probability ``p``."""
-    mask = (torch.rand(x.shape[0], generator=gen) < p).to(x.device)
+    mask = torch.rand(x.shape[0], generator=gen, device=x.device) < p
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
@@ -62,7 +63,7 @@ def cutout(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, length: in
     n, _, h, w = x.shape
     keep = torch.ones(n, 1, h, w, dtype=torch.bool, device=x.device)
     for _ in range(n_holes):
-        centre = torch.stack([torch.randint(0, h, (n,), generator=gen), torch.randint(0, w, (n,), generator=gen)], 1).to(x.device)
+        centre = torch.stack([torch.randint(0, h, (n,), generator=gen, device=x.device), torch.randint(0, w, (n,), generator=gen, device=x.device)], 1)
         rows = torch.arange(h, device=x.device)[None, :]
         cols = torch.arange(w, device=x.device)[None, :]
         in_rows = (rows >= centre[:, :1] - length // 2) & (rows < centre[:, :1] + length // 2)
@@ -92,10 +93,11 @@ class Augmenter:
         unknown = set(self.params) - set(_OPS)
         if unknown:
             raise KeyError(f"augment_params for unknown op {sorted(unknown)[0]!r}; known: {', '.join(list_ops())}")
-        self.fill = fill  # normalised value of a black pixel, used by crop's padding
+        self.fill = fill  # normalised value of a black pixel (crop's padding), kept on the device of the batches it fills
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        fill = self.fill if self.fill is not None else torch.zeros(x.shape[1], device=x.device)
+        if self.fill is None or self.fill.device != x.device or self.fill.dtype != x.dtype:  # once per device and dtype, not per batch
+            self.fill = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype) if self.fill is None else self.fill.to(x.device, x.dtype)
         for name in self.ops:
-            x = _OPS[name](x, gen, fill.to(x.device, x.dtype), **self.params.get(name, {}))
+            x = _OPS[name](x, gen, self.fill, **self.params.get(name, {}))
         return x

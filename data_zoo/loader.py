@@ -29,7 +29,7 @@ class Split:
 
 @dataclass
 class DataBundle:
-    """Train/val/test splits with the normalisation statistics of the training images."""
+    """Train/val/test splits with the normalisation statistics of the training images, all on one device."""
 
     train: Split
     val: Split | None
@@ -41,8 +41,7 @@ class DataBundle:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> float, standardised per channel."""
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return (x.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        return (x.float() / 255.0 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
     def black(self) -> torch.Tensor:
         """Normalised value of a black pixel (crop's zero padding)."""
@@ -100,7 +99,7 @@ def load_bundle(data: dict, device: torch.device | str = "cpu") -> DataBundle:
         split(images.train_x, images.train_y, train_idx),
         split(images.train_x, images.train_y, val_idx) if len(val_idx) else None,
         split(images.test_x, images.test_y, test_idx),
-        images.classes, mean, std, images.digest,
+        images.classes, mean.to(device), std.to(device), images.digest,
     )
 
 
@@ -113,7 +112,8 @@ def iterate_batches(
     channels_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (normalised images, labels, source indices); shuffled and augmented only when given a generator and an augmenter."""
-    order = torch.randperm(len(split), generator=gen).to(split.x.device) if gen is not None else torch.arange(len(split), device=split.x.device)
+    device = split.x.device  # ``gen`` lives there too: the order is drawn without a host-device copy
+    order = torch.randperm(len(split), generator=gen, device=device) if gen is not None else torch.arange(len(split), device=device)
     for start in range(0, len(split), batch_size):
         take = order[start : start + batch_size]
         x = bundle.normalise(split.x[take])

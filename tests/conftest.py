@@ -120,8 +120,9 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @contextlib.contextmanager
-def mlflow_service(command: str, uri: str):
-    """``mlflow ui`` or ``mlflow server`` on the store ``uri``, on a free 127.0.0.1 port; yields its base URL."""
+def mlflow_service(command: str, uri: str, artifacts: Path | None = None):
+    """``mlflow ui`` or ``mlflow server`` on the store ``uri`` (artifacts proxied into ``artifacts`` if given), on a free
+    127.0.0.1 port, in its own process group; yields its base URL."""
     import socket
     import subprocess
     import time
@@ -131,8 +132,9 @@ def mlflow_service(command: str, uri: str):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    process = subprocess.Popen([mlflow_bin, command, "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
+    process = subprocess.Popen([mlflow_bin, command, "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(90):
@@ -143,5 +145,7 @@ def mlflow_service(command: str, uri: str):
                 time.sleep(1)
         yield base
     finally:
-        process.terminate()
+        import signal
+
+        os.killpg(process.pid, signal.SIGTERM)  # the server and its workers
         process.wait(timeout=30)

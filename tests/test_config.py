@@ -6,7 +6,7 @@ import sweep
 from schema import ConfigError, resolve, trial_configs
 from tests.conftest import ROOT, write_experiments
 
-EXPECTED_TRIALS = {"cifar10-stress": 36, "cifar100-resnet18": 1, "lr-search": 16, "quick": 6}
+EXPECTED_TRIALS = {"resnet18-cutout": 1, "cifar10-stress": 36, "cifar100-resnet18": 1, "lr-search": 16, "quick": 6}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_TRIALS))
@@ -51,7 +51,7 @@ MISTAKES = [
     ({"scheduler": {"name": "hyperband"}}, [], "experiments.bad.scheduler.name: unknown scheduler 'hyperband'; known: none, asha"),
     ({"model": {"depth": 3}}, [], "experiments.bad.model: plain_cnn rejects {'widths': [8, 16, 16], 'depth': 3}"),
     ({}, ["optimizer.momentm=0.9"], "--set optimizer.momentm: unknown key 'momentm'"),
-    ({"resources": {"gpu": 2}}, [], "experiments.bad.resources.gpu: 2 GPU per trial but this cluster has 0"),
+    ({"resources": {"gpu": 2}}, [], "experiments.bad.resources.gpu: 2 GPU per trial but this machine has 0"),
 ]
 
 

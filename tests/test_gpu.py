@@ -37,30 +37,48 @@ def test_data_stays_on_the_device_and_batches_are_channels_last():
 
     bundle = load_bundle(dataclasses.asdict(tiny_cfg().data), "cuda")
     assert bundle.train.x.is_cuda and bundle.train.x.dtype == torch.uint8 and bundle.test.x.is_cuda
-    gen = torch.Generator().manual_seed(0)
+    assert bundle.mean.is_cuda and bundle.black().is_cuda  # constants live on the device: nothing copied per batch
+    gen = torch.Generator("cuda").manual_seed(0)
     x, y, _ = next(iterate_batches(bundle, bundle.train, 64, gen, Augmenter("cutout", fill=bundle.black()), channels_last=True))
     assert x.is_cuda and y.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_amp_training_on_cuda_is_finite_and_deterministic():
+def trained(cfg, force_fp16: bool = False):
+    """(per-epoch train losses, final weights) of ``fit`` on CUDA; ``force_fp16``: fp16 + GradScaler even where bf16 works."""
+    import contextlib
+    from unittest import mock
+
+    import engine
     from tracking import TrialRun
     from trainable import fit
 
-    cfg = tiny_cfg(amp=True, channels_last=True, deterministic=True)
-    a = fit(cfg, TrialRun(), lambda v, s: None)
-    b = fit(cfg, TrialRun(), lambda v, s: None)
-    assert torch.isfinite(torch.tensor(a[metrics.TRAIN_LOSS])) and a[metrics.TEST_ACC] > 0.1
-    assert a[metrics.TEST_ACC] == b[metrics.TEST_ACC]
+    states, values = [], []
+    fp16 = engine.Precision(torch.float16, torch.amp.GradScaler("cuda"))
+    with mock.patch("trainable.pick_precision", lambda device, amp: fp16) if force_fp16 else contextlib.nullcontext():
+        result = fit(cfg, TrialRun(), lambda v, s: (values.append(v[metrics.TRAIN_LOSS]), states.append(s)))
+    return values, states[-1]["model"], result
 
 
-def test_augmentation_is_the_same_on_cpu_and_gpu():
+@pytest.mark.parametrize("force_fp16", [False, True], ids=["bf16-or-fp16", "fp16-grad-scaler"])
+def test_amp_training_on_cuda_is_finite_and_bitwise_deterministic(force_fp16):
+    cfg = tiny_cfg(amp=True, channels_last=True, deterministic=True, augment="cutout")
+    losses_a, weights_a, _ = trained(cfg, force_fp16)
+    losses_b, weights_b, _ = trained(cfg, force_fp16)
+    assert all(torch.isfinite(torch.tensor(losses_a)))
+    assert losses_a == losses_b  # bitwise, every epoch
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_augmentation_on_the_gpu_draws_from_a_cuda_generator_and_replays():
     from data_zoo import Augmenter
+    from engine import epoch_generator
 
-    x = torch.randn(32, 3, 32, 32)
+    x = torch.randn(32, 3, 32, 32, device="cuda")
     aug = Augmenter("cutout")
-    on_cpu = aug(x, torch.Generator().manual_seed(3))
-    on_gpu = aug(x.cuda(), torch.Generator().manual_seed(3)).cpu()
-    assert torch.equal(on_cpu, on_gpu)
+    gen = epoch_generator(3, 0, x.device)
+    assert gen.device.type == "cuda"
+    assert torch.equal(aug(x, epoch_generator(3, 0, x.device)), aug(x, epoch_generator(3, 0, x.device)))
+    assert not torch.equal(aug(x, epoch_generator(3, 0, x.device)), aug(x, epoch_generator(3, 1, x.device)))
 
 
 def test_fractional_gpu_trials_share_one_gpu(tmp_path):
