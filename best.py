@@ -15,7 +15,7 @@ from typing import Callable
 import metrics
 import tracking
 from config import ExperimentConfig
-from schema import InputError
+from schema import InputError, load_yaml
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 
 
@@ -61,17 +61,21 @@ def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) ->
     tags = {"run_id": best.run_id, "selected_by": metric, "selection_mode": mode, "metric": metric, "metric_value": repr(value),
             "test_set_selection": str(metric.startswith("test/")).lower(), "experiment": name,
             "sweep_id": best.get(f"tags.{tracking.SWEEP_TAG}"), "run_name": best["tags.mlflow.runName"]}
-    version = mlflow.register_model(f"runs:/{best.run_id}/model", args.register_best, tags=tags)
+    outputs = mlflow.MlflowClient(uri).get_run(best.run_id).outputs
+    logged = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    # The run's MLflow 3 logged model (the version then links to it); runs logged before it had only a model/ artifact folder.
+    version = mlflow.register_model(f"models:/{logged[-1]}" if logged else f"runs:/{best.run_id}/model", args.register_best, tags=tags)
     mlflow.MlflowClient(uri).update_model_version(args.register_best, version.version,
                                                   description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
-    print(f"registered {args.register_best} version {version.version}: run {best.run_id} ({best['tags.mlflow.runName']}), selected by {metric} = {value:.4f}")
+    mlflow.MlflowClient(uri).set_registered_model_alias(args.register_best, args.alias, version.version)
+    print(f"registered {args.register_best} version {version.version} as @{args.alias}: run {best.run_id} ({best['tags.mlflow.runName']}), "
+          f"selected by {metric} = {value:.4f}; load it with mlflow.pytorch.load_model('models:/{args.register_best}@{args.alias}')")
     return 0
 
 
 def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launch: Callable[..., int]) -> int:
     """Rerun the best trial with exactly its logged config (``launch``: sweep.py's) as a new run tagged ``rerun_of``; print both."""
     import mlflow
-    import yaml
 
     from config import TrialConfig
     from schema import build
@@ -81,7 +85,7 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
     best = best_run(uri, name, metric, mode)
     path = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=metrics.CONFIG_FILE, tracking_uri=uri)
     problems: list = []
-    trial = build(TrialConfig, yaml.safe_load(Path(path).read_text()), "", problems)
+    trial = build(TrialConfig, load_yaml(Path(path).read_text()), "", problems)
     if problems:
         raise InputError(f"the logged config of run {best.run_id} no longer validates: {problems}")
     rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)

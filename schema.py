@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,37 @@ class ConfigError(ValueError):
 
 class InputError(ValueError):
     """Bad input found past the YAML (no such runs, launch or data): the CLIs exit with code 2."""
+
+
+# --- YAML with the number and boolean rules of YAML 1.2 --------------------------------------
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """``safe_load`` with YAML 1.2's core schema for scalars: ``1e-3``, ``5e-4`` and ``.5`` are floats (YAML 1.1,
+    PyYAML's default, reads the first two as strings), ``017`` is 17, and only true/false are booleans
+    (``no``, ``off``, ``yes``, ``on`` stay strings; ``12:30`` is not a base-60 number)."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _yaml12_int(loader.construct_scalar(node)))
+
+
+def _yaml12_int(text: str) -> int:
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with YAML 1.2 scalars (``Yaml12Loader``): what every config file and ``--set`` value goes through."""
+    return yaml.load(text, Loader=Yaml12Loader)
 
 
 # --- dict -> dataclass, with path-named type errors ------------------------------------------
@@ -138,7 +170,7 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError([f"--set {pair!r}: expected KEY=VALUE, e.g. --set epochs=2"])
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        out[key.strip()] = load_yaml(raw) if raw.strip() else None
     return out
 
 
@@ -246,13 +278,13 @@ def validate_experiment(merged: dict, layers: list[tuple[str, dict]], grid_where
 
 
 def load_file(path: str | Path) -> dict:
-    """Parse the YAML file (``safe_load``) and check its top level."""
+    """Parse the YAML file (YAML 1.2 scalars, safe types only) and check its top level."""
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError([f"{path}: cannot read the config file ({err.strerror})"]) from err
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError([f"{path}: not valid YAML: {err}"]) from err
     if not isinstance(raw, dict):

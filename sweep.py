@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted launch of this experiment")
     p.add_argument("--rerun-best", action="store_true", help="rerun the best finished trial of the experiment with exactly its config")
     p.add_argument("--register-best", metavar="NAME", help="register the best finished run's model in the MLflow Model Registry as NAME")
+    p.add_argument("--alias", default="champion", help="alias --register-best sets on the new version (default: %(default)s; it moves from any older version)")
     p.add_argument("--metric", help="metric that picks the best run for --rerun-best/--register-best (default: the experiment's own metric, "
                                     "val/acc; a test/... metric selects on the test set and prints a warning)")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or ray://head:10001)")
@@ -192,8 +193,11 @@ def sweep_context(name: str, cfg: ExperimentConfig, args: argparse.Namespace, ki
         **tags, tracking.SWEEP_TAG: sweep_id, tracking.KIND_TAG: "sweep" if kind == "trial" else kind + "-launch", tracking.NOTE_TAG: cfg.description}))
     tracking.log_params(mlflow_client, parent.info.run_id, {"grid": str(cfg.grid), "num_samples": cfg.num_samples, "config": args.config,
                                                             "search_seed": cfg.search_seed})
+    diff = tracking.git_diff() if tags["git.dirty"] == "true" else ""
+    if diff:  # the uncommitted changes the runs were made with, beside the commit (the trials log it too)
+        tracking.retry(lambda: mlflow_client.log_text(parent.info.run_id, diff, tracking.GIT_DIFF_FILE))
     return {"tracking_uri": uri, "experiment_id": exp_id, "experiment": name, "sweep_id": sweep_id, "parent_run_id": parent.info.run_id,
-            "tags": tags, "kind": kind, "threads": max(1, int(cfg.resources.cpu)), "scheduler": cfg.scheduler.name}
+            "tags": tags, "kind": kind, "threads": max(1, int(cfg.resources.cpu)), "scheduler": cfg.scheduler.name, "git_diff": diff}
 
 
 def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str, verbose: bool = False):

@@ -80,28 +80,46 @@ def _experiment_artifacts(uri: str, name: str) -> str | None:
     return f"{root}/{name}" if root else None
 
 
+def git(*args: str, root: Path = PROJECT_ROOT) -> str:
+    """Output of a git command in the checkout ('' outside git)."""
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
     """Commit and dirty flag of the project checkout ('unknown' outside git)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD") or "unknown"
-        dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", "unknown"
-    return {"git.commit": commit, "git.dirty": dirty}
+    commit = git("rev-parse", "HEAD", root=root)
+    if not commit:
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": "true" if git("status", "--porcelain", "--untracked-files=no", root=root) else "false"}
 
 
-def environment_tags() -> dict[str, str]:
-    """Code version, package versions, host and Python: what reproducing a run needs."""
+def git_diff(root: Path = PROJECT_ROOT, limit: int = 1_000_000) -> str:
+    """``git diff HEAD`` of a dirty checkout (tracked files), cut at ``limit`` characters; '' when clean."""
+    diff = git("diff", "HEAD", root=root)
+    return diff if len(diff) <= limit else diff[:limit] + f"\n[cut at {limit} characters of {len(diff)}]\n"
+
+
+GIT_DIFF_FILE = "git_diff.patch"
+
+
+def environment_tags(entry_point: str = "sweep.py") -> dict[str, str]:
+    """Code version, package versions, host and Python: what reproducing a run needs. The ``mlflow.source.*`` and
+    ``mlflow.user`` tags fill the MLflow UI's Source, Version and User columns (runs made through the client get none)."""
+    import getpass
+
     tags = git_state()
     for package in PACKAGES:
         try:
             tags[f"version.{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
             tags[f"version.{package}"] = "missing"
-    tags.update({"host": socket.gethostname(), "python": platform.python_version()})
+    tags.update({"host": socket.gethostname(), "python": platform.python_version(),
+                 "mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser()})
+    if tags["git.commit"] != "unknown":
+        tags.update({"mlflow.source.git.commit": tags["git.commit"], "mlflow.source.git.branch": git("rev-parse", "--abbrev-ref", "HEAD")})
     return tags
 
 
@@ -242,6 +260,8 @@ class TrialRun:
             tags[PARENT_TAG] = sweep["parent_run_id"]
         run = retry(lambda: mlflow_client.create_run(sweep["experiment_id"], tags=tags, run_name=name))
         log_params(mlflow_client, run.info.run_id, trial)
+        if sweep.get("git_diff"):
+            retry(lambda: mlflow_client.log_text(run.info.run_id, sweep["git_diff"], GIT_DIFF_FILE))
         return cls(mlflow_client, run.info.run_id)
 
     @staticmethod
@@ -313,17 +333,28 @@ class TrialRun:
         retry(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
-def save_pytorch_model(model, example, folder: str | Path) -> None:
-    """An MLflow PyTorch model (torch.export ``pt2``: loads without unpickling) with signature and input example."""
+def log_pytorch_model(run: "TrialRun", model, example) -> str | None:
+    """Log ``model`` as the run's MLflow 3 logged model ``model`` (torch.export ``pt2``: loads without unpickling), with
+    signature and input example: it shows in the run's "Logged models" and the Models tab, and ``runs:/<run>/model``
+    and ``models:/<model id>`` load it. Returns the model id (None when untracked)."""
+    import mlflow
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
 
+    if not run.client:
+        return None
     model = model.cpu().eval()
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    mlflow.set_tracking_uri(run.client.tracking_uri)  # log_model resolves the global URI; a trial process logs to one store
     # MLflow checks the requirements against the running environment by scanning every installed distribution
     # (2.4-3.3 s per process, in every trial actor). Ours pin the running torch, which cannot mismatch: skip it.
+    logged = run.client.get_run(run.run_id)  # the model belongs to the run's experiment (log_model alone would use the default one)
+    created = retry(lambda: run.client.create_logged_model(logged.info.experiment_id, name="model", source_run_id=run.run_id,
+                                                           params=logged.data.params, model_type="pytorch"))
     with mock.patch("mlflow.utils.environment.warn_dependency_requirement_mismatches"):
-        mlflow.pytorch.save_model(model, str(folder), signature=signature, input_example=example, serialization_format="pt2",
-                                  pip_requirements=[f"torch=={metadata.version('torch')}"])
+        retry(lambda: mlflow.pytorch.log_model(model, name="model", model_id=created.model_id, run_id=run.run_id, signature=signature,
+                                               input_example=example, serialization_format="pt2",
+                                               pip_requirements=[f"torch=={metadata.version('torch')}"]))
+    return created.model_id

@@ -27,7 +27,7 @@ from engine import (Precision, build_optimizer, build_scheduler, classification_
                     pick_precision, predict, seed_everything, train_epoch)
 from model_zoo import create_model
 from schema import apply_overrides, build
-from tracking import TrialRun, run_name, save_pytorch_model
+from tracking import TrialRun, log_pytorch_model, run_name
 
 STATE_FILE = "state.pt"
 Report = Callable[[dict, dict], None]  # (metrics, checkpoint state) -> None
@@ -228,8 +228,6 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         torch.save(model.state_dict(), out / metrics.WEIGHTS_FILE)
-        example = bundle.normalise(bundle.test.x[:2]).cpu().numpy()
-        save_pytorch_model(copy.deepcopy(model).to(memory_format=torch.contiguous_format), example, out / "model")
         val = {}
         if bundle.val is not None:  # for calibration: temperature scaling is fitted on the validation split
             val_logits, val_index = predict(model, bundle, bundle.val, cfg.eval_batch_size, precision, device)
@@ -244,6 +242,8 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
         plot_curves({"run": history}, out / "training_curves.png")
         plot_confusion(report["confusion"], bundle.classes, out / "confusion_matrix.png")
         run.log_artifacts(out)
+    example = bundle.normalise(bundle.test.x[:2]).cpu().numpy()
+    log_pytorch_model(run, copy.deepcopy(model).to(memory_format=torch.contiguous_format), example)
     return results
 
 

@@ -11,11 +11,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 import metrics
 import tracking
-from schema import InputError
+from schema import InputError, load_yaml
 
 
 @dataclass
@@ -63,7 +62,7 @@ class RunRecord:
 
     @cached_property
     def config(self) -> dict:
-        return yaml.safe_load((self.folder / metrics.CONFIG_FILE).read_text())
+        return load_yaml((self.folder / metrics.CONFIG_FILE).read_text())
 
     @cached_property
     def predictions(self) -> Predictions:

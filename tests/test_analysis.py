@@ -258,3 +258,25 @@ def test_tracking_server_gives_the_same_failures(finished_sweep, analysed, tmp_p
         remote = json.loads((tmp_path / "runs" / folder.name / "failures.json").read_text())
         assert [f["test_index"] for f in remote["failures"]] == [f["test_index"] for f in local["failures"]]
         assert [f["confidence"] for f in remote["failures"]] == [f["confidence"] for f in local["failures"]]
+
+
+def test_main_tables_are_logged_as_mlflow_tables(finished_sweep, tmp_path):
+    import mlflow
+
+    out = tmp_path / "low-threshold"  # 0.2: the tiny runs' confident failures are many at this threshold
+    run_analysis("tiny", finished_sweep["uri"], out, threshold=0.2, baseline="arch=plain_cnn", variant="arch=residual_cnn", max_cams=4,
+                 corruption_images=0, road_images=4)
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    (latest, *_) = client.search_runs([experiment], "tags.`stresslab.kind` = 'analysis'", order_by=["attributes.start_time DESC"])
+    load = lambda name: client.load_table(experiment, f"tables/{name}.json", run_ids=[latest.info.run_id])
+    written = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/failures.json")}
+    failures = load("failures")
+    assert len(failures) == sum(w["count"] for w in written.values()) > 0
+    for name, w in written.items():
+        assert sorted(failures.loc[failures.run_name == name, "test_index"]) == sorted(f["test_index"] for f in w["failures"])
+    runs = load("runs")
+    assert dict(zip(runs.name, runs.failures)) == {name: w["count"] for name, w in written.items()}
+    comparison = json.loads((out / "compare" / "plain_cnn_vs_residual_cnn" / "comparison.json").read_text())
+    assert sorted(load("comparison_pairs").fixed) == sorted(len(p["fixed"]) for p in comparison["pairs"])
+    assert set(load("comparison_strata").stratum) == {r["stratum"] for r in comparison["strata"]}

@@ -4,7 +4,7 @@ import yaml
 
 import sweep
 from schema import ConfigError, resolve, trial_configs
-from tests.conftest import ROOT, write_experiments
+from tests.conftest import ROOT, TINY, write_experiments
 
 EXPECTED_TRIALS = {"resnet18-cutout": 1, "cifar10-stress": 36, "cifar100-resnet18": 1, "lr-search": 16, "quick": 6}
 
@@ -52,7 +52,23 @@ MISTAKES = [
     ({"model": {"depth": 3}}, [], "experiments.bad.model: plain_cnn rejects {'widths': [8, 16, 16], 'depth': 3}"),
     ({}, ["optimizer.momentm=0.9"], "--set optimizer.momentm: unknown key 'momentm'"),
     ({"resources": {"gpu": 2}}, [], "experiments.bad.resources.gpu: 2 GPU per trial but this machine has 0"),
+    ({}, ["optimizer.lr=abc"], "--set optimizer.lr: expected float, got str 'abc'"),
+    ({}, ["amp=no"], "--set amp: expected bool, got str 'no'"),  # YAML 1.2: only true/false are booleans
 ]
+
+
+def test_numbers_are_read_as_people_type_them_in_the_yaml_and_in_set(tmp_path):
+    """YAML 1.2 scalars: PyYAML's default (YAML 1.1) reads 1e-3 as a string and `no` as False."""
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump({"defaults": TINY, "experiments": {}})
+                    .replace("experiments: {}", "experiments:\n  typed:\n    optimizer: {lr: 1e-3, weight_decay: 5e-4}\n"
+                                                "    data: {name: synthetic, n_train: 400, n_test: 120, val_fraction: .25}\n"
+                                                "    description: no\n"))
+    assert yaml.safe_load(path.read_text())["experiments"]["typed"]["optimizer"]["lr"] == "1e-3"  # the trap, as PyYAML has it
+    _, cfg = resolve(path, "typed")
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.data.val_fraction, cfg.description) == (0.001, 0.0005, 0.25, "no")
+    _, cfg = resolve(path, "typed", ["optimizer.lr=5e-2", "optimizer.weight_decay=1E-5", "data.val_fraction=.1", "deterministic=false"])
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.data.val_fraction, cfg.deterministic) == (0.05, 1e-5, 0.1, False)
 
 
 @pytest.mark.parametrize("bad, sets, message", MISTAKES, ids=[m[2].split(":")[0] for m in MISTAKES])

@@ -1,4 +1,5 @@
 """MLflow-native artifacts: the logged PyTorch model, the registry, dataset inputs, system metrics, the UI."""
+import getpass
 import os
 import shutil
 import subprocess
@@ -41,6 +42,17 @@ def test_logged_model_loads_without_pickle_and_reproduces_the_logged_predictions
     np.testing.assert_allclose(probs, logged["probs"], atol=1e-4)
 
 
+def test_every_trial_logs_one_mlflow_3_logged_model(finished_sweep):
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    experiment = client.get_experiment_by_name("tiny")
+    trials = finished_sweep["runs"][finished_sweep["runs"][f"tags.{tracking.KIND_TAG}"] == "trial"]
+    models = client.search_logged_models([experiment.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(trials.run_id)  # one per trial run
+    assert all(m.name == "model" and str(m.status) == "READY" for m in models), [(m.name, m.status) for m in models]
+    run = client.get_run(trials.run_id.iloc[0])
+    assert [o.model_id for o in run.outputs.model_outputs] == [m.model_id for m in models if m.source_run_id == run.info.run_id]
+
+
 def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys):
     assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best"]) == 0
     trials = finished_sweep["runs"][finished_sweep["runs"][f"tags.{tracking.KIND_TAG}"] == "trial"]
@@ -52,7 +64,12 @@ def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys)
     assert version.tags["selected_by"] == metrics.VAL_ACC and float(version.tags["metric_value"]) == best_val
     assert version.tags["test_set_selection"] == "false" and version.tags["sweep_id"].startswith("tiny-")
     captured = capsys.readouterr()
-    assert "registered tiny-best version 1" in captured.out and "selected by val/acc" in captured.out and "warning" not in captured.err
+    assert "registered tiny-best version 1 as @champion" in captured.out and "selected by val/acc" in captured.out and "warning" not in captured.err
+    assert client.get_model_version_by_alias("tiny-best", "champion").version == version.version
+    (logged,) = client.get_run(version.run_id).outputs.model_outputs
+    assert version.source == f"models:/{logged.model_id}"  # the version is the run's MLflow 3 logged model
+    mlflow.set_tracking_uri(finished_sweep["uri"])
+    assert isinstance(mlflow.pytorch.load_model("models:/tiny-best@champion"), torch.nn.Module)
     assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best-test", "--metric", metrics.TEST_ACC]) == 0
     assert "warning: selecting the best run by test/acc is selection on the test set" in capsys.readouterr().err
     (version,) = client.search_model_versions("name = 'tiny-best-test'")
@@ -78,7 +95,10 @@ def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_
         trial_ids = [r.info.run_id for r in client.search_runs([exp_id], f"tags.`{tracking.KIND_TAG}` = 'trial'")]
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=15000"]
-        experiment_dom = subprocess.run(["chromium", *flags, "--dump-dom", f"{base}/#/experiments/{exp_id}/runs"], capture_output=True, text=True, timeout=120).stdout
+        experiment_dom = subprocess.run(["chromium", *flags, "--window-size=2600,1000", "--dump-dom", f"{base}/#/experiments/{exp_id}/runs"],
+                                        capture_output=True, text=True, timeout=120).stdout
+        trial_dom = subprocess.run(["chromium", *flags, "--dump-dom", f"{base}/#/experiments/{exp_id}/runs/{trial_ids[0]}"],
+                                   capture_output=True, text=True, timeout=120).stdout
         compare = f"{base}/#/compare-runs?runs={urllib.parse.quote(json.dumps(trial_ids))}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
         dom = subprocess.run(["chromium", *flags, "--dump-dom", compare], capture_output=True, text=True, timeout=120).stdout
         shot = tmp_path / "runs_table.png"
@@ -88,6 +108,10 @@ def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_
         api_runs = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
     names = {"plain_cnn-none-s1", "plain_cnn-none-s2", "residual_cnn-none-s1", "residual_cnn-none-s2"}
     assert "Training runs" in experiment_dom and "tiny-20" in experiment_dom  # the sweep's parent run heads the runs table
+    assert "sweep.py" in experiment_dom  # the runs table's Source column (the table renders only columns in view: a wide window)
+    commit = tracking.git_state()["git.commit"]
+    for shown in ("sweep.py", commit[:7], getpass.getuser(), "Logged models"):  # a trial's page: Source, its git commit, Created by
+        assert shown in trial_dom, shown
     for name in names:
         assert name in dom, f"{name} not rendered"
     assert metrics.TEST_ACC in dom  # the rendered metrics table has a test/acc row for the runs
@@ -174,3 +198,27 @@ def test_concurrent_trials_on_the_same_data_all_log_it(tmp_path):
         t.join()
     assert errors == []
     assert all(len(run.client.get_run(run.run_id).inputs.dataset_inputs) == 1 for run in runs)
+
+
+def test_a_dirty_checkout_is_logged_as_its_diff_and_runs_carry_mlflow_source_tags(tmp_path):
+    import subprocess as sp
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: sp.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True, capture_output=True)
+    git("init", "-q")
+    (repo / "train.py").write_text("lr = 0.1\n")
+    git("add", "train.py")
+    git("commit", "-qm", "first")
+    assert tracking.git_diff(repo) == "" and tracking.git_state(repo)["git.dirty"] == "false"
+    (repo / "train.py").write_text("lr = 0.05\n")
+    diff = tracking.git_diff(repo)
+    assert tracking.git_state(repo)["git.dirty"] == "true" and "-lr = 0.1" in diff and "+lr = 0.05" in diff
+    tags = tracking.environment_tags()
+    assert tags["mlflow.source.name"] == "sweep.py" and tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.git.commit"] == tags["git.commit"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client(uri)
+    sweep_info = {"tracking_uri": uri, "experiment_id": tracking.ensure_experiment(client, "dirty", "", uri), "sweep_id": "dirty-1", "git_diff": diff}
+    run = tracking.TrialRun.open(sweep_info, {"seed": 1}, "t1", "trial_1", None)
+    assert client.download_artifacts(run.run_id, tracking.GIT_DIFF_FILE, str(tmp_path)) and (tmp_path / tracking.GIT_DIFF_FILE).read_text() == diff
