@@ -27,7 +27,8 @@ from schema import ConfigError, InputError, as_dict, expand_grid, resolve, trial
 
 RESULTS_DIR = tracking.PROJECT_ROOT / "ray_results"
 EPILOG = """examples:
-  python sweep.py --config experiments.yaml --experiment quick --set data.name=imagefolder --set data.root=../shared/cifar10-jpeg
+  tar xzf ../shared/datasets/cifar10-jpeg.tar.gz   # once, offline: the JPEG copy of CIFAR-10 into ./cifar10-jpeg
+  python sweep.py --config experiments.yaml --experiment quick --set data.name=imagefolder --set data.root=cifar10-jpeg
   python sweep.py --experiment cifar10-stress --dry-run
   python sweep.py --experiment quick --resume
   python sweep.py --experiment quick --rerun-best

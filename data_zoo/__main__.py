@@ -1,6 +1,7 @@
 """Decode a data set into the cache and time a cold and a warm load.
 
-    python -m data_zoo --name imagefolder --root ../shared/cifar10-jpeg [--cache-dir DIR] [--fresh]
+    tar xzf ../shared/datasets/cifar10-jpeg.tar.gz   # once: the JPEG copy of CIFAR-10 into ./cifar10-jpeg
+    python -m data_zoo --name imagefolder --root cifar10-jpeg [--cache-dir DIR] [--fresh]
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from data_zoo.sources import list_datasets
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="example:\n" + "\n".join(__doc__.splitlines()[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="imagefolder", choices=list_datasets())
     p.add_argument("--root", help="data root (not needed for synthetic)")
     p.add_argument("--cache-dir", help=f"cache folder (default {default_cache_dir()})")
