@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args)
         if args.register_best:
             return best.register_best(name, cfg, args)
-        if not args.resume:  # one download or check by the driver, not one failure per trial
-            launches.prepare_data(cfg)
+        if not args.resume and not args.rerun_best:  # one download or check by the driver, not one failure per trial
+            launches.prepare_data(cfg)  # (a rerun checks the data of the logged config it reruns)
         if args.rerun_best:
             return best.rerun_best(name, cfg, args, launch)
         return launch(name, cfg, args)
