@@ -252,6 +252,11 @@ def init_ray(address: str | None) -> None:
         excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/"]
         try:
             ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes})
+        except ray.exceptions.AuthenticationError as err:  # it answered, and refused us: not the same as "no cluster there"
+            raise InputError(f"the Ray cluster at --address {address} refused this driver's authentication ({err.message}); it runs "
+                             f"with token authentication (Ray 2.59+ turns it on for `ray start --head` where ~/.ray/auth_token exists): "
+                             f"run with RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                             f"~/.ray/auth_token") from None
         except ConnectionError as err:
             raise InputError(f"cannot reach a Ray cluster at --address {address} ({err}); start one with `ray start --head` or leave out --address") from err
     else:  # "local": start our own, whatever /tmp/ray/ray_current_cluster says; no dashboard, no usage stats phoned home
