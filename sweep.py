@@ -156,13 +156,16 @@ def filesystem_type(path: Path) -> str:
 
 def shared_storage_warnings(uri: str, storage: str) -> list[str]:
     """With --address, trials on other nodes write to the MLflow store and to --storage: say so where they cannot."""
+    local = []  # (what, path as given, folder whose filesystem counts, fix)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        local.append(("a local SQLite MLflow store", path, Path(path).parent, "start an MLflow server on the head and pass --tracking-uri http://HEAD:5000"))
+    if "://" not in storage:
+        local.append(("--storage", storage, Path(storage), "use a shared folder or s3://"))
     found = []
-    local = {"a local SQLite MLflow store": uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None,
-             "--storage": None if "://" in storage else storage}
-    for what, path in local.items():
-        kind = path and filesystem_type(Path(path).parent if what != "--storage" else Path(path))
-        if path and not kind.startswith(SHARED_FILESYSTEMS):
-            hint = "start an MLflow server on the head and pass --tracking-uri http://HEAD:5000" if what != "--storage" else "use a shared folder or s3://"
+    for what, path, folder, hint in local:
+        kind = filesystem_type(folder)
+        if not kind.startswith(SHARED_FILESYSTEMS):
             found.append(f"{what} ({path}, {kind or 'unknown'} filesystem) is visible to this node only; trials on other nodes "
                          f"of the cluster cannot write there ({hint})")
     return found

@@ -110,8 +110,9 @@ def run_throughput(args, device) -> list[Row]:
         for amp, precision in ((False, "fp32"), (True, "bf16")):
             ours, ref = figures[("stresslab", amp)], figures[("reference", amp)]
             rows.append(("throughput", f"{arch} {precision}: stresslab / seed-style images/s", f"{ours:,.0f} / {ref:,.0f} ({ours / ref:.2f}x)"))
-        achieved = figures[("stresslab", True)] * training_flops(arch)[1] / 1e12
-        rows.append(("throughput", f"{arch} bf16 MFU (counted {training_flops(arch)[1] / 1e9:.2f} GFLOPs per training image)",
+        flops = training_flops(arch)[1]
+        achieved = figures[("stresslab", True)] * flops / 1e12
+        rows.append(("throughput", f"{arch} bf16 MFU (counted {flops / 1e9:.2f} GFLOPs per training image)",
                      f"{achieved:.1f} TFLOP/s" + (f" = {achieved / peak:.1%} of {peak:.0f}" if peak else "")))
         print(rows[-3:], flush=True)
     return rows

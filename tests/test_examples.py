@@ -70,7 +70,6 @@ def fresh_copy(tmp_path_factory):
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, copy / name)
     (tmp / "shared").symlink_to(ROOT.parent / "shared")
-    (copy / ".venv").symlink_to(ROOT / ".venv") if (ROOT / ".venv").exists() else None
     experiments = yaml.safe_load((copy / "experiments.yaml").read_text())
     quick = experiments["experiments"]["quick"]
     quick.update(epochs=1, robustness_images=50, data={**quick.get("data", {}), "subset": 300, "test_subset": 200})

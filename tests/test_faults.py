@@ -148,36 +148,32 @@ def test_unwritable_output_folders_are_refused_with_the_path(tmp_path, capsys):
     FAULT_SUMMARY.append("unwritable output folder   trials affected: 0  refused before start, path named  results lost: 0")
 
 
-def test_unreachable_ray_cluster_is_refused_and_leaves_no_running_run(tmp_path, capsys, monkeypatch):
+def launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, error: Exception):
+    """A CLI launch with --address whose ray.init raises ``error``: (exit code, stderr, the launch's parent run)."""
     import ray
 
     def refuse(*args, **kwargs):
-        raise ConnectionError("Could not find any running Ray instance")
+        raise error
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
     path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
     uri = f"sqlite:///{tmp_path}/m/mlflow.db"
     code = sweep.main(["--config", str(path), "--experiment", "tiny", "--address", "10.0.0.1:6379", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
-    assert code == 2 and "cannot reach a Ray cluster at --address 10.0.0.1:6379" in capsys.readouterr().err
     _, (parent,) = runs_of(uri, "tiny", kind="sweep")
+    return code, capsys.readouterr().err, parent
+
+
+def test_unreachable_ray_cluster_is_refused_and_leaves_no_running_run(tmp_path, capsys, monkeypatch):
+    code, err, parent = launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, ConnectionError("Could not find any running Ray instance"))
+    assert code == 2 and "cannot reach a Ray cluster at --address 10.0.0.1:6379" in err
     assert parent.info.status == "FAILED"
     FAULT_SUMMARY.append("unreachable Ray cluster    trials affected: 0  refused with exit 2, parent run FAILED  results lost: 0")
 
 
 def test_a_cluster_refusing_our_token_is_named_as_authentication_not_as_absent(tmp_path, capsys, monkeypatch):
-    import ray
     from ray.exceptions import AuthenticationError
 
-    def refuse(*args, **kwargs):
-        raise AuthenticationError("InvalidAuthToken: the token does not match")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
-    path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
-    uri = f"sqlite:///{tmp_path}/m/mlflow.db"
-    code = sweep.main(["--config", str(path), "--experiment", "tiny", "--address", "10.0.0.1:6379", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
-    err = capsys.readouterr().err
+    code, err, parent = launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, AuthenticationError("InvalidAuthToken: the token does not match"))
     assert code == 2 and "refused this driver's authentication" in err and "RAY_AUTH_MODE=token" in err and "cannot reach" not in err
-    _, (parent,) = runs_of(uri, "tiny", kind="sweep")
     assert parent.info.status == "FAILED"
