@@ -41,9 +41,14 @@ def read_records(storage: str) -> list[dict]:
     return sorted(out, key=lambda r: (r["sweep_id"].rsplit("-", 2)[-2:], r["sweep_id"]))
 
 
+def sweeps(storage: str, name: str) -> list[dict]:
+    """The launch records of the sweeps (not reruns) of experiment ``name`` under ``storage``, oldest first."""
+    return [r for r in read_records(storage) if r["experiment"] == name and r["kind"] == "trial"]
+
+
 def resume_target(storage: str, name: str) -> dict:
     """The newest sweep of experiment ``name`` that did not finish."""
-    candidates = [r for r in read_records(storage) if r["experiment"] == name and r["kind"] == "trial" and r["status"] != FINISHED]
+    candidates = [r for r in sweeps(storage, name) if r["status"] != FINISHED]
     if not candidates:
         raise InputError(f"no interrupted sweep of {name!r} under {storage} to resume (launches that finished, --rerun-best launches and "
                          f"other experiments are never resumed); start one without --resume")

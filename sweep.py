@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting by dotted path, e.g. --set epochs=2 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trial table; start nothing")
     p.add_argument("--resume", action="store_true", help="continue the latest interrupted launch of this experiment")
+    p.add_argument("--resume-if-interrupted", action="store_true",
+                   help="what a requeued batch job runs (slurm/sweep.sbatch, with a --storage per job): resume this experiment's latest sweep "
+                        "under --storage if it was interrupted, exit 0 if it finished, start one if there is none")
     p.add_argument("--rerun-best", action="store_true", help="rerun the best finished trial of the experiment with exactly its config")
     p.add_argument("--register-best", metavar="NAME", help="register the best finished run's model in the MLflow Model Registry as NAME")
     p.add_argument("--alias", default="champion", help="alias --register-best sets on the new version (default: %(default)s; it moves from any older version)")
@@ -76,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args)
         if args.register_best:
             return best.register_best(name, cfg, args)
+        if args.resume_if_interrupted and not args.resume:
+            latest = (launches.sweeps(args.storage, name) or [None])[-1]
+            if latest and latest["status"] == launches.FINISHED:
+                print(f"sweep {latest['sweep_id']} under {args.storage} has finished; nothing to resume")
+                return 0
+            args.resume = latest is not None
         if not args.resume and not args.rerun_best:  # one download or check by the driver, not one failure per trial
             launches.prepare_data(cfg)  # (a rerun checks the data of the logged config it reruns)
         if args.rerun_best:
@@ -252,7 +261,7 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/"]
+        excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/", ".slurm/"]  # .slurm/: job tokens
         try:
             ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes})
         except ray.exceptions.AuthenticationError as err:  # it answered, and refused us: not the same as "no cluster there"
@@ -269,6 +278,8 @@ def init_ray(address: str | None) -> None:
 
 def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str = "trial", extra_tags: dict | None = None):
     """Run (or resume) the sweep; print the results table; return the exit code. No run is left RUNNING on any exit path."""
+    from mlflow.exceptions import MlflowException
+
     record = launches.resume_target(args.storage, name) if args.resume else None
     # The MLflow store (a fresh SQLite one migrates its schema: seconds of CPU) is set up while Ray starts.
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as setup:
@@ -279,7 +290,11 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
             if context and context.exception() is None:
                 close_runs(context.result()["tracking_uri"], context.result(), "FAILED")
             raise
-        sweep = context.result() if context else record  # on a resume the record names the sweep and its parent run
+        try:
+            sweep = context.result() if context else record  # on a resume the record names the sweep and its parent run
+        except MlflowException as err:  # e.g. a tracking server that refuses this host, or a store of a newer MLflow
+            raise InputError(f"the MLflow tracking store {tracking.resolve_tracking_uri(args.tracking_uri)} refused to set up the sweep: "
+                             f"{err.message}") from None
     launches.write_record(args.storage, sweep, "running")
     try:
         results = run_tuner(name, cfg, args, sweep, record)
