@@ -254,26 +254,47 @@ def _point(config: dict) -> dict:
     return {k: overrides[k] for k in ("arch", "augment", "seed") if k in overrides}
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``address`` (shipping the project code to the cluster) or start a fresh local Ray, never a stale one."""
+def init_ray(address: str | None, uri: str) -> None:
+    """Join ``address`` (shipping the project code to the cluster) or start a fresh local Ray, never a stale one. Trials
+    log to ``uri`` (on a resume, possibly not the address the sweep was launched with)."""
     import ray
 
+    os.environ[tracking.SWEEP_URI_ENV] = uri
     if ray.is_initialized():
         return
+    env_vars = {tracking.SWEEP_URI_ENV: uri}
     if address:
         excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/", ".slurm/"]  # .slurm/: job tokens
         try:
-            ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes})
+            ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes, "env_vars": env_vars})
         except ray.exceptions.AuthenticationError as err:  # it answered, and refused us: not the same as "no cluster there"
-            raise InputError(f"the Ray cluster at --address {address} refused this driver's authentication ({err.message}); it runs "
-                             f"with token authentication (Ray 2.59+ turns it on for `ray start --head` where ~/.ray/auth_token exists): "
-                             f"run with RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
-                             f"~/.ray/auth_token") from None
+            raise InputError(refused_token(address, err.message)) from None
         except ConnectionError as err:
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and answers(address):
+                # With a token of its own, Ray retries a refused token until it gives up as "failed to connect"
+                raise InputError(refused_token(address, "a token was sent and the cluster did not accept it")) from None
             raise InputError(f"cannot reach a Ray cluster at --address {address} ({err}); start one with `ray start --head` or leave out --address") from err
     else:  # "local": start our own, whatever /tmp/ray/ray_current_cluster says; no dashboard, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT)}})
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT), **env_vars}})
+
+
+def refused_token(address: str, detail: str) -> str:
+    return (f"the Ray cluster at --address {address} refused this driver's authentication ({detail}); it runs with token "
+            f"authentication (Ray 2.59+ turns it on for `ray start --head` where ~/.ray/auth_token exists): run with RAY_AUTH_MODE=token "
+            f"and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+
+
+def answers(address: str) -> bool:
+    """Whether something accepts TCP connections at ``address`` (host:port): a cluster that is there but refused us."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str = "trial", extra_tags: dict | None = None):
@@ -281,11 +302,15 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
     from mlflow.exceptions import MlflowException
 
     record = launches.resume_target(args.storage, name) if args.resume else None
+    # A resume logs to the store given now (the same store may be served at a new address), else to the recorded one.
+    uri = tracking.resolve_tracking_uri(args.tracking_uri) if not record or args.tracking_uri else record["tracking_uri"]
+    if record:
+        record = record | {"tracking_uri": uri}
     # The MLflow store (a fresh SQLite one migrates its schema: seconds of CPU) is set up while Ray starts.
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as setup:
         context = None if record else setup.submit(sweep_context, name, cfg, args, kind, extra_tags)
         try:
-            init_ray(args.address)
+            init_ray(args.address, uri)
         except BaseException:  # no Ray: the parent run just created must not stay RUNNING
             if context and context.exception() is None:
                 close_runs(context.result()["tracking_uri"], context.result(), "FAILED")

@@ -44,6 +44,17 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return uri
 
 
+# Where the sweep of this process logs now: set by the driver for itself and (runtime_env) for every trial. A resumed
+# sweep keeps its runs but may reach its store at another address (a Slurm job's server moves with each allocation),
+# and Tune restores the trials' configs and the driver's callbacks with the address of the first launch.
+SWEEP_URI_ENV = "STRESSLAB_SWEEP_TRACKING_URI"
+
+
+def sweep_uri(sweep: dict) -> str:
+    """The tracking URI the runs of ``sweep`` are logged to now (the launch's, else the one recorded in ``sweep``)."""
+    return os.environ.get(SWEEP_URI_ENV) or sweep["tracking_uri"]
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifact folder beside a local SQLite store (None for a server, which has its own)."""
     if not uri.startswith("sqlite:///"):
@@ -243,7 +254,7 @@ class TrialRun:
         """
         if not sweep:
             return cls()
-        mlflow_client = client(sweep["tracking_uri"])
+        mlflow_client = client(sweep_uri(sweep))
         run_id = resume_run_id or cls._existing(mlflow_client, sweep, trial_id)
         if run_id:
             history = retry(lambda: mlflow_client.get_metric_history(run_id, "epoch"))

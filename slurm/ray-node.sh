@@ -29,13 +29,14 @@ else
     args+=(--address "$head_ip:$port")
 fi
 
-mkdir -p "$tmp"
+rm -rf "$tmp" && mkdir -p "$tmp"  # what a SIGKILLed earlier start of this job left
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0  # no 30 s drain on SIGTERM: the driver has stopped by then (or died with the job)
 setsid "$py" -m ray.scripts.scripts start "${args[@]}" &
 ray_pid=$!  # leader of its own process group, with Ray's daemons and workers
-stop() {    # SIGTERM to the whole group (`ray start --block` shuts Ray down on it), SIGKILL to what is left after 20 s
+stop() {    # SIGTERM to the whole group (`ray start --block` shuts Ray down on it), SIGKILL to what is left after 10 s
     local i
     kill -TERM -- "-$ray_pid" 2>/dev/null
-    for ((i = 0; i < 100; i++)); do kill -0 -- "-$ray_pid" 2>/dev/null || return 0; sleep 0.2; done
+    for ((i = 0; i < 50; i++)); do kill -0 -- "-$ray_pid" 2>/dev/null || return 0; sleep 0.2; done
     kill -KILL -- "-$ray_pid" 2>/dev/null
 }
 trap stop TERM INT HUP USR2  # USR2: the batch script's stop (srun forwards it; srun itself kills on SIGTERM)

@@ -148,7 +148,7 @@ def test_unwritable_output_folders_are_refused_with_the_path(tmp_path, capsys):
     FAULT_SUMMARY.append("unwritable output folder   trials affected: 0  refused before start, path named  results lost: 0")
 
 
-def launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, error: Exception):
+def launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, error: Exception, address: str = "10.0.0.1:6379"):
     """A CLI launch with --address whose ray.init raises ``error``: (exit code, stderr, the launch's parent run)."""
     import ray
 
@@ -159,7 +159,7 @@ def launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, error: Exce
     monkeypatch.setattr(ray, "init", refuse)
     path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
     uri = f"sqlite:///{tmp_path}/m/mlflow.db"
-    code = sweep.main(["--config", str(path), "--experiment", "tiny", "--address", "10.0.0.1:6379", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
+    code = sweep.main(["--config", str(path), "--experiment", "tiny", "--address", address, "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
     _, (parent,) = runs_of(uri, "tiny", kind="sweep")
     return code, capsys.readouterr().err, parent
 
@@ -177,3 +177,21 @@ def test_a_cluster_refusing_our_token_is_named_as_authentication_not_as_absent(t
     code, err, parent = launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, AuthenticationError("InvalidAuthToken: the token does not match"))
     assert code == 2 and "refused this driver's authentication" in err and "RAY_AUTH_MODE=token" in err and "cannot reach" not in err
     assert parent.info.status == "FAILED"
+
+
+def test_a_token_refused_after_retries_is_named_as_authentication_where_the_cluster_answers(tmp_path, capsys, monkeypatch):
+    """With RAY_AUTH_MODE=token, Ray retries a refused token and then raises a plain ConnectionError: a cluster that
+    accepts TCP connections at the address is then named as refusing the token; where nothing listens, as absent."""
+    import socket
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        code, err, _ = launch_against_a_refusing_cluster(tmp_path / "a", capsys, monkeypatch, ConnectionError("Failed to connect"), address)
+    assert code == 2 and "refused this driver's authentication (a token was sent and the cluster did not accept it)" in err
+    code, err, _ = launch_against_a_refusing_cluster(tmp_path / "b", capsys, monkeypatch, ConnectionError("Failed to connect"), address)
+    assert code == 2 and f"cannot reach a Ray cluster at --address {address}" in err  # the listener is closed now
