@@ -133,8 +133,9 @@ def mlflow_service(command: str, uri: str, artifacts: Path | None = None):
         port = s.getsockname()[1]
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes (stresslab runs no MLflow jobs)
     process = subprocess.Popen([mlflow_bin, command, "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(90):

@@ -1,7 +1,8 @@
 """A real two-node Slurm on this one machine, for the tests of ``slurm/sweep.sbatch``.
 
 slurmctld and two ``slurmd -N n1`` / ``slurmd -N n2`` daemons (Debian's packages), both nodes at 127.0.0.1 on their
-own ports, munge for authentication; every daemon is started in its own process group and stopped by that group.
+own ports, a munged of its own (own socket) for authentication; every daemon is started in its own process group and
+stopped by that group, after the jobs still queued have been cancelled and have ended.
 ``python tests/slurm_cluster.py`` starts one and waits, for trying the script by hand (Ctrl-C stops it).
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld}
 AuthType=auth/munge
+AuthInfo=socket={folder}/munge.socket
 StateSaveLocation={folder}/state
 SlurmdSpoolDir={folder}/spool-%n
 SlurmctldPidFile={folder}/slurmctld.pid
@@ -91,11 +93,10 @@ def slurm_cluster(folder: Path, cpus: int = 1):
     env = {**os.environ, "SLURM_CONF": str(write_conf(folder, cpus))}
     procs = []
     try:
-        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
-            Path("/run/munge").mkdir(parents=True, exist_ok=True)
-            if not Path("/etc/munge/munge.key").exists():
-                subprocess.run(["mungekey", "-c"], check=True)
-            procs.append(_start(["munged", "--foreground", "--force"], folder / "munged.log", env))
+        if not Path("/etc/munge/munge.key").exists():
+            subprocess.run(["mungekey", "-c"], check=True)
+        procs.append(_start(["munged", "--foreground", "--force", f"--socket={folder}/munge.socket", f"--pid-file={folder}/munged.pid",
+                             f"--log-file={folder}/munged.log", f"--seed-file={folder}/munged.seed"], folder / "munged.out", env))
         procs.append(_start(["slurmctld", "-D", "-i"], folder / "slurmctld.out", env))
         for node in ("n1", "n2"):
             procs.append(_start(["slurmd", "-D", "-N", node], folder / f"slurmd-{node}.out", env))
@@ -109,6 +110,11 @@ def slurm_cluster(folder: Path, cpus: int = 1):
             time.sleep(0.5)
         yield env
     finally:
+        if len(procs) == 4:  # jobs still there (a failed test) run their own cleanup before the daemons go
+            subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=env, capture_output=True)
+            deadline = time.monotonic() + 60
+            while subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(1)
         for proc in reversed(procs):
             _stop(proc)
 

@@ -83,6 +83,22 @@ def wait_until_done(submit_dir, job: str, timeout: float, requeues_to_hurry: int
         time.sleep(1)
 
 
+def start_next(submit_dir, job: str, start: int, time_limit: str) -> None:
+    """Wait for the requeued job's ``start``-th start, giving it ``time_limit`` and making it eligible now. (Done on every
+    poll: while a requeued job is still completing it reads PENDING, and Slurm resets its begin time when it completes.)"""
+    _, env = submit_dir
+
+    def started() -> bool:
+        info = job_info(env, job)
+        if info.get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={time_limit}"], env=env, capture_output=True)
+            if info.get("Reason") == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        return f"(start {start})" in job_log(submit_dir, job)
+
+    wait_for(f"start {start} of job {job}", started, timeout=300)
+
+
 def job_log(submit_dir, job: str) -> str:
     path = submit_dir[0] / f"stresslab-{job}.log"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -136,28 +152,25 @@ def test_a_two_node_job_finishes_every_trial_on_both_nodes_and_leaves_nothing_be
 def test_requeue_by_hand_and_by_the_time_limit_resume_the_sweep_with_no_step_twice(submit_dir):
     """Start 1 (no time limit) is requeued with `scontrol requeue` once a trial has logged an epoch. Start 2 runs under a
     2-minute limit with the warning signal 60 s before it (`--signal=B:USR1@60`, given at submission): it stops the sweep
-    and requeues itself. Start 3, the limit lifted, finishes the sweep. While start 1 runs, a driver with a wrong token
-    is refused with an error naming authentication."""
+    and requeues itself. Start 3, the limit lifted, finishes the sweep; while it runs, a driver with a wrong token is
+    refused with an error naming authentication."""
     copy, env = submit_dir
     before = cluster_file()
-    epochs = 12
+    epochs = 10
     job = sbatch(submit_dir, "--nodes=2", "--signal=B:USR1@60", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={epochs}")
-    wait_for("a trial's first epoch", lambda: re.search(r"epochs [1-9]\d*/", job_log(submit_dir, job)), timeout=240)
-    head = re.search(r"Ray head \S+ at (\S+:\d+)", job_log(submit_dir, job)).group(1)
-
+    checkpoints = lambda: list((copy / "ray_results" / f"slurm-{job}").glob("*/*/checkpoint_*"))  # one per epoch and trial
+    wait_for("a trial's first epoch", checkpoints, timeout=240, interval=0.5)
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True)
+    start_next(submit_dir, job, 2, time_limit="2")
+    wait_for("the time limit's warning to requeue the job", lambda: "requeueing job" in job_log(submit_dir, job), timeout=300)
+    start_next(submit_dir, job, 3, time_limit="UNLIMITED")
+    wait_for("the third start's sweep", lambda: job_log(submit_dir, job).count("resuming ") == 2, timeout=240)
+    head = re.findall(r"Ray head \S+ at (\S+:\d+)", job_log(submit_dir, job))[-1]
     wrong = subprocess.run([sys.executable, "sweep.py", *QUICK, "--address", head], cwd=copy, capture_output=True, text=True, timeout=120,
                            env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64})
     assert wrong.returncode == 2, wrong.stdout + wrong.stderr
     assert "refused this driver's authentication" in wrong.stderr and "RAY_AUTH_MODE=token" in wrong.stderr, wrong.stderr
 
-    scontrol = lambda *a: subprocess.run(["scontrol", *a], env=env, capture_output=True, text=True)
-    scontrol("requeue", job)
-    wait_for("the requeued job to wait", lambda: job_info(env, job).get("JobState") == "PENDING", timeout=120)
-    scontrol("update", f"JobId={job}", "TimeLimit=2")
-    scontrol("update", f"JobId={job}", "StartTime=now")
-    wait_for("the time limit's warning to requeue the job", lambda: "requeueing job" in job_log(submit_dir, job), timeout=300)
-    wait_for("the self-requeued job to wait", lambda: job_info(env, job).get("JobState") == "PENDING", timeout=120)
-    scontrol("update", f"JobId={job}", "TimeLimit=UNLIMITED")
     info = wait_until_done(submit_dir, job, timeout=300)
     log = job_log(submit_dir, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), log
