@@ -249,6 +249,7 @@ def test_comparison_pairs_runs_by_seed(analysed):
     assert overall["delta"][0] == pytest.approx(np.mean(deltas)) and overall["delta"][1] == pytest.approx(np.std(deltas, ddof=1))
 
 
+@pytest.mark.slow  # the default suite analyses through a tracking server in tests/test_gpu_readiness.py
 def test_tracking_server_gives_the_same_failures(finished_sweep, analysed, tmp_path):
     with mlflow_service("server", finished_sweep["uri"]) as base:
         run_analysis("tiny", base, tmp_path, threshold=0.2, max_cams=2, log_to_mlflow=False, corruption_images=0, road_images=4)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import mlflow
+import pytest
 
 import metrics
 import sweep
@@ -96,6 +97,7 @@ def sweep_cmd(path, uri, storage, *extra) -> list[str]:
     return [sys.executable, str(ROOT / "sweep.py"), "--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(storage), *extra]
 
 
+@pytest.mark.slow  # the default suite covers SIGTERM -> resume with no step twice in tests/test_slurm.py (a requeued job)
 def test_driver_sigterm_then_resume_loses_and_duplicates_nothing(tmp_path):
     path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 3, "max_concurrent_trials": 1, "data": {**TINY["data"], "n_train": 1200},
                                                            "grid": {"seed": [1, 2, 3]}}})

@@ -6,6 +6,7 @@ StartTime=now``): Slurm holds a requeued batch job back by two minutes, which on
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 from conftest import ROOT
 from slurm_cluster import missing, slurm_cluster
 
+if missing() and os.environ.get("STRESSLAB_REQUIRE_SLURM"):  # CI installs Slurm: its absence there is a failure, not a skip
+    raise RuntimeError(f"STRESSLAB_REQUIRE_SLURM is set but Slurm is missing ({', '.join(missing())})")
 pytestmark = pytest.mark.skipif(bool(missing()), reason=f"Slurm is not installed here (missing: {', '.join(missing())}); "
                                                          "apt-get install slurmctld slurmd slurm-client munge")
 
