@@ -270,9 +270,8 @@ def init_ray(address: str | None, uri: str) -> None:
         except ray.exceptions.AuthenticationError as err:  # it answered, and refused us: not the same as "no cluster there"
             raise InputError(refused_token(address, err.message)) from None
         except ConnectionError as err:
-            if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and answers(address):
-                # With a token of its own, Ray retries a refused token until it gives up as "failed to connect"
-                raise InputError(refused_token(address, "a token was sent and the cluster did not accept it")) from None
+            if refuses_token(address):  # with a token of its own, ray.init retries a refused one and says only "failed to connect"
+                raise InputError(refused_token(address, "InvalidAuthToken: the token sent does not match the cluster's")) from None
             raise InputError(f"cannot reach a Ray cluster at --address {address} ({err}); start one with `ray start --head` or leave out --address") from err
     else:  # "local": start our own, whatever /tmp/ray/ray_current_cluster says; no dashboard, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -285,16 +284,18 @@ def refused_token(address: str, detail: str) -> str:
             f"and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
 
 
-def answers(address: str) -> bool:
-    """Whether something accepts TCP connections at ``address`` (host:port): a cluster that is there but refused us."""
-    import socket
+def refuses_token(address: str) -> bool:
+    """Whether the GCS at ``address`` answers this process's token with InvalidAuthToken (one RPC, seconds at most)."""
+    from ray._raylet import GcsClient  # no public API asks this; any other outcome counts as "not a token problem"
+    from ray.exceptions import AuthenticationError
 
-    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            return True
-    except (OSError, ValueError):
+        GcsClient(address=address).internal_kv_get(b"stresslab-probe", None, timeout=5)
+    except AuthenticationError:
+        return True
+    except Exception:
         return False
+    return False
 
 
 def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str = "trial", extra_tags: dict | None = None):

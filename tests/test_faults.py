@@ -179,21 +179,3 @@ def test_a_cluster_refusing_our_token_is_named_as_authentication_not_as_absent(t
     code, err, parent = launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, AuthenticationError("InvalidAuthToken: the token does not match"))
     assert code == 2 and "refused this driver's authentication" in err and "RAY_AUTH_MODE=token" in err and "cannot reach" not in err
     assert parent.info.status == "FAILED"
-
-
-def test_a_token_refused_after_retries_is_named_as_authentication_where_the_cluster_answers(tmp_path, capsys, monkeypatch):
-    """With RAY_AUTH_MODE=token, Ray retries a refused token and then raises a plain ConnectionError: a cluster that
-    accepts TCP connections at the address is then named as refusing the token; where nothing listens, as absent."""
-    import socket
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        address = f"127.0.0.1:{listener.getsockname()[1]}"
-        code, err, _ = launch_against_a_refusing_cluster(tmp_path / "a", capsys, monkeypatch, ConnectionError("Failed to connect"), address)
-    assert code == 2 and "refused this driver's authentication (a token was sent and the cluster did not accept it)" in err
-    code, err, _ = launch_against_a_refusing_cluster(tmp_path / "b", capsys, monkeypatch, ConnectionError("Failed to connect"), address)
-    assert code == 2 and f"cannot reach a Ray cluster at --address {address}" in err  # the listener is closed now
