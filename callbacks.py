@@ -7,7 +7,6 @@ so a transient "database is locked" must not turn a finished trial into an error
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -25,13 +24,17 @@ class MlflowStatusCallback(Callback):
         self.tracking_uri, self.scheduler = tracking_uri, scheduler
 
     def _runs(self, trial) -> list:
-        mlflow_client = tracking.client(os.environ.get(tracking.SWEEP_URI_ENV) or self.tracking_uri)
         sweep = trial.config.get("sweep", {})
+        mlflow_client = tracking.client(self._uri(trial))
         return tracking.retry(lambda: mlflow_client.search_runs(
             [sweep["experiment_id"]], filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.SWEEP_TAG}` = '{sweep.get('sweep_id', '')}'"))
 
+    def _uri(self, trial) -> str:
+        sweep = trial.config.get("sweep")
+        return tracking.sweep_uri(sweep) if sweep else self.tracking_uri
+
     def _close(self, trial, status: str, tags: dict | None = None, only_running: bool = True) -> None:
-        mlflow_client = tracking.client(os.environ.get(tracking.SWEEP_URI_ENV) or self.tracking_uri)
+        mlflow_client = tracking.client(self._uri(trial))
         for run in self._runs(trial):
             if only_running and run.info.status != "RUNNING":
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -129,8 +130,6 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def available_gpus() -> float:
     """GPUs a local Ray will have: the CUDA devices, or what RAY_OVERRIDE_RESOURCES declares to Ray (its own override)."""
-    import json
-
     import torch
 
     declared = json.loads(os.environ.get("RAY_OVERRIDE_RESOURCES") or "{}").get("GPU")
@@ -254,15 +253,21 @@ def _point(config: dict) -> dict:
     return {k: overrides[k] for k in ("arch", "augment", "seed") if k in overrides}
 
 
-def init_ray(address: str | None, uri: str) -> None:
-    """Join ``address`` (shipping the project code to the cluster) or start a fresh local Ray, never a stale one. Trials
-    log to ``uri`` (on a resume, possibly not the address the sweep was launched with)."""
+# MLflow prints a "View run" link for every run it ends (36 trials: 72 lines); the final summary prints the runs table's URL.
+QUIET_MLFLOW = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+def init_ray(address: str | None, resumed: dict | None = None) -> None:
+    """Join ``address`` (shipping the project code to the cluster) or start a fresh local Ray, never a stale one. The
+    trials of a ``resumed`` sweep log to its tracking URI (possibly not the address it was launched with)."""
     import ray
 
-    os.environ[tracking.SWEEP_URI_ENV] = uri
+    if resumed:
+        os.environ[tracking.SWEEP_URI_ENV] = json.dumps({resumed["sweep_id"]: resumed["tracking_uri"]})
+    os.environ.setdefault(QUIET_MLFLOW, "true")
     if ray.is_initialized():
         return
-    env_vars = {tracking.SWEEP_URI_ENV: uri}
+    env_vars = {k: os.environ[k] for k in (tracking.SWEEP_URI_ENV, QUIET_MLFLOW) if k in os.environ}
     if address:
         excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/", ".slurm/"]  # .slurm/: job tokens
         try:
@@ -303,15 +308,13 @@ def launch(name: str, cfg: ExperimentConfig, args: argparse.Namespace, kind: str
     from mlflow.exceptions import MlflowException
 
     record = launches.resume_target(args.storage, name) if args.resume else None
-    # A resume logs to the store given now (the same store may be served at a new address), else to the recorded one.
-    uri = tracking.resolve_tracking_uri(args.tracking_uri) if not record or args.tracking_uri else record["tracking_uri"]
-    if record:
-        record = record | {"tracking_uri": uri}
+    if record and args.tracking_uri:  # a resume logs to the store given now (the same store at a new address), else the recorded one
+        record = record | {"tracking_uri": tracking.resolve_tracking_uri(args.tracking_uri)}
     # The MLflow store (a fresh SQLite one migrates its schema: seconds of CPU) is set up while Ray starts.
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-setup") as setup:
         context = None if record else setup.submit(sweep_context, name, cfg, args, kind, extra_tags)
         try:
-            init_ray(args.address, uri)
+            init_ray(args.address, record)
         except BaseException:  # no Ray: the parent run just created must not stay RUNNING
             if context and context.exception() is None:
                 close_runs(context.result()["tracking_uri"], context.result(), "FAILED")

@@ -44,15 +44,17 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return uri
 
 
-# Where the sweep of this process logs now: set by the driver for itself and (runtime_env) for every trial. A resumed
-# sweep keeps its runs but may reach its store at another address (a Slurm job's server moves with each allocation),
-# and Tune restores the trials' configs and the driver's callbacks with the address of the first launch.
+# Where a resumed sweep logs now: {sweep id: tracking URI}, set by the driver of a resume for itself and (runtime_env)
+# for its trials. The same store may be served at a new address (a Slurm job's server moves with each allocation),
+# while Tune restores the trials' configs and the driver's callbacks with the address of the first launch. Keyed by
+# sweep id: a process that launches several sweeps (the tests) keeps its first runtime_env for all of them.
 SWEEP_URI_ENV = "STRESSLAB_SWEEP_TRACKING_URI"
 
 
 def sweep_uri(sweep: dict) -> str:
-    """The tracking URI the runs of ``sweep`` are logged to now (the launch's, else the one recorded in ``sweep``)."""
-    return os.environ.get(SWEEP_URI_ENV) or sweep["tracking_uri"]
+    """The tracking URI the runs of ``sweep`` are logged to now: the resume's, else the one recorded in ``sweep``."""
+    moved = json.loads(os.environ.get(SWEEP_URI_ENV) or "{}")
+    return moved.get(sweep.get("sweep_id", ""), sweep["tracking_uri"])
 
 
 def artifact_root(uri: str) -> str | None:
