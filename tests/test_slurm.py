@@ -72,31 +72,36 @@ def wait_for(what, predicate, timeout: float, interval: float = 1.0):
     return value
 
 
-def wait_until_done(submit_dir, job: str, timeout: float, requeues_to_hurry: int = 0) -> dict:
-    """Wait for the job's final state; each time it is PENDING after a requeue, make it eligible now."""
+def hurry(env: dict, job: str, info: dict, time_limit: str | None = None) -> None:
+    """A requeued job waiting: give it ``time_limit`` (if any) and make it eligible now. Done on every poll: while a
+    requeued job is still completing it reads PENDING, and Slurm resets its begin time when it completes."""
+    if info.get("JobState") != "PENDING":
+        return
+    if time_limit:
+        subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={time_limit}"], env=env, capture_output=True)
+    if info.get("Reason") == "BeginTime":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+
+
+def wait_until_done(submit_dir, job: str, timeout: float) -> dict:
+    """Wait for the job's final state, hurrying it after each requeue."""
     _, env = submit_dir
     deadline = time.monotonic() + timeout
     while True:
         info = job_info(env, job)
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return info
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        hurry(env, job, info)
         assert time.monotonic() < deadline, f"job {job} did not end within {timeout:g} s: {info.get('JobState')}\n{job_log(submit_dir, job)}"
         time.sleep(1)
 
 
 def start_next(submit_dir, job: str, start: int, time_limit: str) -> None:
-    """Wait for the requeued job's ``start``-th start, giving it ``time_limit`` and making it eligible now. (Done on every
-    poll: while a requeued job is still completing it reads PENDING, and Slurm resets its begin time when it completes.)"""
+    """Wait for the requeued job's ``start``-th start, hurried and given ``time_limit``."""
     _, env = submit_dir
 
     def started() -> bool:
-        info = job_info(env, job)
-        if info.get("JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={time_limit}"], env=env, capture_output=True)
-            if info.get("Reason") == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        hurry(env, job, job_info(env, job), time_limit)
         return f"(start {start})" in job_log(submit_dir, job)
 
     wait_for(f"start {start} of job {job}", started, timeout=300)
@@ -107,8 +112,8 @@ def job_log(submit_dir, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def sweep_runs(submit_dir) -> dict[str, list]:
-    """Trial runs of the copy's store by run name, and the parent runs under key ''."""
+def sweep_runs(submit_dir):
+    """The client of the copy's store, and its trial runs by run name with the parent runs under key ''."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{submit_dir[0] / 'mlruns' / 'mlflow.db'}")
@@ -117,7 +122,7 @@ def sweep_runs(submit_dir) -> dict[str, list]:
     for run in client.search_runs([experiment.experiment_id], max_results=1000):
         key = "" if run.data.tags.get("stresslab.kind") == "sweep" else run.info.run_name
         runs.setdefault(key, []).append(run)
-    return runs | {"_client": client}
+    return client, runs
 
 
 def assert_nothing_left(submit_dir, job: str) -> None:
@@ -140,8 +145,8 @@ def test_a_two_node_job_finishes_every_trial_on_both_nodes_and_leaves_nothing_be
     log = job_log(submit_dir, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
     assert "2/2 trials finished" in log and "[2/2] plain_cnn-" in log, log
-    runs = sweep_runs(submit_dir)
-    trials = {name: r for name, r in runs.items() if name not in ("", "_client")}
+    _, runs = sweep_runs(submit_dir)
+    trials = {name: r for name, r in runs.items() if name}
     assert set(trials) == {"plain_cnn-none-s42", "plain_cnn-cutout-s42"}
     assert all(len(r) == 1 and r[0].info.status == "FINISHED" for r in trials.values()), {n: [x.info.status for x in r] for n, r in trials.items()}
     assert len({r[0].data.tags["ray.node_id"] for r in trials.values()}) == 2, "both trials ran on one Ray node"
@@ -176,8 +181,7 @@ def test_requeue_by_hand_and_by_the_time_limit_resume_the_sweep_with_no_step_twi
     assert "DUE TO JOB REQUEUE" in log and "SIGUSR1: stopping the sweep" in log, log
     assert log.count("resuming ") == 2, log
 
-    runs = sweep_runs(submit_dir)
-    client = runs.pop("_client")
+    client, runs = sweep_runs(submit_dir)
     sweep_id = re.search(r"sweep (quick-\d{8}-\d{6}): MLflow", log).group(1)
     trials = {n: [x for x in r if x.data.tags.get("stresslab.sweep_id") == sweep_id] for n, r in runs.items() if n}
     trials = {n: r for n, r in trials.items() if r}
