@@ -220,8 +220,9 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
     report = classification_report(probs, labels, bundle.classes, cfg.threshold)
     results = {metrics.TEST_LOSS: float(torch.nn.functional.cross_entropy(logits, bundle.test.y).item()), **report["metrics"],
                metrics.TEST_EPOCH: test_epoch}
-    if cfg.robustness:
-        results.update(robustness(model, bundle, cfg, device))
+    robust = robustness(model, bundle, cfg, device) if cfg.robustness else None
+    if robust:
+        results.update(robust["metrics"])
     if run.client is None:
         return results
     run.log_metrics(results, step)
@@ -235,8 +236,8 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
         np.savez_compressed(out / metrics.PREDICTIONS_FILE, probs=probs.astype(np.float32), logits=logits.cpu().numpy(), labels=labels,
                             preds=probs.argmax(1), index=index.cpu().numpy(), classes=np.array(bundle.classes), **val)
         (out / metrics.CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        if cfg.robustness:
-            (out / metrics.ROBUSTNESS_FILE).write_text(json.dumps({k: v for k, v in results.items() if k.startswith("robustness/")}, indent=1))
+        if robust:  # per severity too: the analysis reuses it instead of running the same inference again on the CPU
+            (out / metrics.ROBUSTNESS_FILE).write_text(json.dumps(robust, indent=1))
         np.savetxt(out / "confusion_matrix.csv", report["confusion"], fmt="%d", delimiter=",", header=",".join(bundle.classes))
         history = {k: [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, k)] for k in metrics.EPOCH_METRICS}
         plot_curves({"run": history}, out / "training_curves.png")
@@ -247,8 +248,9 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
     return results
 
 
-def robustness(model, bundle, cfg: TrialConfig, device) -> dict[str, float]:
-    """The corruption stress test on a class-balanced test subset, as metrics (mean accuracy over severities)."""
+def robustness(model, bundle, cfg: TrialConfig, device) -> dict:
+    """The corruption stress test on a class-balanced test subset: ``requested`` and ``images`` (the subset's size),
+    ``accuracy`` (per corruption, severities 1-5) and ``metrics`` (mean accuracy over severities, as logged)."""
     from corruptions import balanced_subset, corruption_accuracy
 
     labels = bundle.test.y.cpu().numpy()
@@ -264,4 +266,4 @@ def robustness(model, bundle, cfg: TrialConfig, device) -> dict[str, float]:
     accuracy = corruption_accuracy(classify, bundle.test.x.cpu().numpy()[pos], labels[pos])
     values = {metrics.CORRUPTION_ACC.format(name): float(np.mean(acc)) for name, acc in accuracy.items()}
     values[metrics.MEAN_CORRUPTION_ACC] = float(np.mean(list(values.values())))
-    return values
+    return {"requested": cfg.robustness_images, "images": int(len(pos)), "accuracy": accuracy, "metrics": values}

@@ -30,15 +30,20 @@ def main(argv: list[str] | None = None) -> int:
                                    "(resnet18=layer3,plain_cnn=stages.1); default: each model's registered layer")
     p.add_argument("--classes", default=",".join(GALLERY_CLASSES), help="classes of the Grad-CAM gallery (default: %(default)s)")
     p.add_argument("--max-cams", type=int, default=200, help="failures per run explained with Grad-CAM (default 200)")
-    p.add_argument("--corruption-images", type=int, default=1000, help="class-balanced test images for the corruption stress test (0: skip)")
+    p.add_argument("--corruption-images", type=int, help="class-balanced test images for the corruption stress test (0: skip). Default: the "
+                                                          "trials' own test where every run ran it (robustness: true), read from its logs; "
+                                                          "else 1000. Runs whose trial tested the same subset are read, not recomputed")
     p.add_argument("--road-images", type=int, default=64, help="seeded test images per run on which Grad-CAM's ROAD faithfulness is measured, "
                                                                "beside a random map's and a centred blob's (default 64)")
+    p.add_argument("--workers", type=int, help="processes analysing runs in parallel (default: one per usable core)")
     p.add_argument("--sweep", default="latest", help="which launch: latest (default), all, or a sweep id")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
     p.add_argument("--no-log", action="store_true", help="do not log the report back to MLflow")
     args = p.parse_args(argv)
     if bool(args.baseline) != bool(args.variant):
         p.error("--baseline and --variant go together")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
     if not 0 < args.threshold < 1:
         p.error(f"--threshold must be in (0, 1), got {args.threshold}")
     out = args.out or f"reports/{args.experiment}"
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
-                     args.corruption_images, args.road_images)
+                     args.corruption_images, args.road_images, args.workers)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ Grad-CAM before and after, McNemar's test. Everything lands in ``out`` and in on
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from analysis.runs import RunRecord, find_runs, load_model, test_images
 from schema import InputError
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
+DEFAULT_CORRUPTION_IMAGES = 1000
 
 
 @dataclass
@@ -134,6 +136,53 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
     confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
     result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)
     return result
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float, layers: dict[str, str], max_cams: int,
+                 road_images: int, workers: int | None = None) -> list[RunAnalysis]:
+    """``analyse_run`` for every run, in run order. With several workers (default: one per usable core, at most one per
+    run) the runs go to spawned processes, each with its share of the cores as torch threads: much of a run's analysis
+    (figures, JSON, Grad-CAM's small batches) is single-threaded Python, which one process cannot spread over cores."""
+    workers = min(len(runs), workers or usable_cores())
+    done: dict[int, RunAnalysis] = {}
+
+    def finished(i: int, analysis: RunAnalysis) -> None:
+        done[i] = analysis
+        log(f"run {len(done)}/{len(runs)} {analysis.run.name}: {len(analysis.failures)} failures above {threshold}")
+
+    if workers <= 1:
+        for i, run in enumerate(runs):
+            finished(i, analyse_run(run, images, out, threshold, layers, max_cams, road_images))
+        return [done[i] for i in range(len(runs))]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    log(f"analysing {len(runs)} runs in {workers} processes")
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup,
+                             initargs=(max(1, usable_cores() // workers),)) as pool:
+        futures = {pool.submit(_analyse_in_worker, run, out, threshold, layers, max_cams, road_images): i for i, run in enumerate(runs)}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+    return [done[i] for i in range(len(runs))]
+
+
+_WORKER_IMAGES: ImageCache | None = None  # a worker's own decode of the test images, shared by the runs it analyses
+
+
+def _worker_setup(threads: int) -> None:
+    import torch
+
+    global _WORKER_IMAGES
+    torch.set_num_threads(threads)
+    _WORKER_IMAGES = ImageCache()
+
+
+def _analyse_in_worker(run: RunRecord, *args) -> RunAnalysis:
+    return analyse_run(run, _WORKER_IMAGES, *args)
 
 
 def class_gallery(run: RunRecord, images: ImageCache, out: Path, layers: dict[str, str], wanted: tuple[str, ...], per_class: int = 4) -> Path | None:
@@ -295,17 +344,31 @@ def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, thresh
     return result
 
 
-def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_images: int, baseline: tuple[str, str] | None) -> dict | None:
-    """Accuracy under every corruption and severity on a class-balanced test subset; mCE against the baseline runs."""
+def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_images: int | None, baseline: tuple[str, str] | None,
+                    reuse: bool = True) -> dict | None:
+    """Accuracy under every corruption and severity on a class-balanced test subset; mCE against the baseline runs.
+
+    A run whose trial ran the same test (``robustness: true`` on the same subset) is read from its logged
+    robustness.json: same subset rule, corruption seeds and fp32 model, so the same numbers (a test checks it) without
+    the inference, which dominates a CPU analysis (ResNet-18: minutes per run). ``n_images`` None means the trials'
+    subset where every run logged one of the same size, else DEFAULT_CORRUPTION_IMAGES."""
     import torch
 
-    if n_images <= 0:
+    if n_images == 0:
         return None
+    logged = {r.name: r.trial_robustness for r in runs} if reuse else {}
+    if n_images is None:
+        requested = {v["requested"] for v in logged.values() if v}
+        n_images = requested.pop() if len(requested) == 1 and all(logged.get(r.name) for r in runs) else DEFAULT_CORRUPTION_IMAGES
     results, generated = {}, {}
     for run in runs:
         x, mean, std = images.get(run)
         p = run.predictions
         pos = corruptions.balanced_subset(p.labels, len(p.classes), n_images)  # the same definition the trials use
+        trial = logged.get(run.name)
+        if trial and trial["images"] == len(pos) and set(trial["accuracy"]) == set(corruptions.CORRUPTIONS):  # one rule: equal size, same subset
+            results[run.name] = {"clean": float((p.preds[pos] == p.labels[pos]).mean()), "accuracy": trial["accuracy"], "measured": "trial"}
+            continue
         key = (id(x), pos.tobytes())
         if key not in generated:  # corrupted once per data set and subset, reused by every run on it
             generated[key] = list(corruptions.corrupted_sets(x[pos]))
@@ -316,7 +379,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
                 return np.concatenate([model(gradcam.normalise(batch[i : i + 500], mean, std)).argmax(1).numpy() for i in range(0, len(batch), 500)])
 
         results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()),
-                             "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key])}
+                             "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key]), "measured": "analysis"}
         log(f"corruptions: {run.name} done")
     base_runs = [r.name for r in runs if baseline and r.params.get(baseline[0]) == baseline[1]] or [runs[0].name]
     names = sorted(corruptions.CORRUPTIONS)
@@ -324,7 +387,8 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
     for name, r in results.items():
         r["mean_corruption_acc"] = float(np.mean([np.mean(v) for v in r["accuracy"].values()]))
         r["mce"] = corruptions.mean_corruption_error({c: [1 - a for a in r["accuracy"][c]] for c in names}, base_err)
-    summary = {"images": int(len(pos)), "baseline_runs": base_runs, "runs": results}
+    summary = {"images": int(len(pos)), "baseline_runs": base_runs, "measured_in_trials": sum(r["measured"] == "trial" for r in results.values()),
+               "runs": results}
     (out / "robustness.json").write_text(json.dumps(summary, indent=1))
     matrix = np.array([[np.mean(results[r]["accuracy"][c]) for r in results] for c in names])
     summary["figure"] = plots.plot_heatmap(matrix, names, list(results), out / "corruption_heatmap.png", "accuracy under corruption (mean over severities 1-5)")
@@ -333,8 +397,9 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
 
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
-                 log_to_mlflow: bool = True, corruption_images: int = 1000, road_images: int = 64) -> Path:
-    """Analyse every finished run of ``experiment``; return the path of the HTML report."""
+                 log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 64, workers: int | None = None) -> Path:
+    """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);
+    return the path of the HTML report."""
     from analysis import report
 
     start = time.perf_counter()
@@ -344,10 +409,7 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     layers = resolve_layers(layer, runs)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
-    analyses = []
-    for i, run in enumerate(runs, 1):
-        analyses.append(analyse_run(run, images, out, threshold, layers, max_cams, road_images))
-        log(f"run {i}/{len(runs)} {run.name}: {len(analyses[-1].failures)} failures above {threshold}")
+    analyses = analyse_runs(runs, images, out, threshold, layers, max_cams, road_images, workers)
     figures = sweep_figures(analyses, out)
     figures["gallery"] = class_gallery(runs[0], images, out, layers, gallery)
     extra = {"calibration": calibration_step(runs, out, threshold), "persistent": persistent_step(runs, images, out, threshold)}

@@ -166,7 +166,9 @@ def robustness_section(extra: dict) -> str:
         return ""
     rows = [[name, fmt(r["clean"]), fmt(r["mean_corruption_acc"]), f"{r['mce'] * 100:.1f}"] for name, r in result["runs"].items()]
     return (f"<h2>Corruption robustness</h2><p>{result['images']} class-balanced test images under {len(next(iter(result['runs'].values()))['accuracy'])} corruptions at severities 1-5 "
-            f"(the formulas and CIFAR parameters of make_cifar_c.py, generated with fixed seeds; see corruptions.py). mCE is relative to "
+            f"(the formulas and CIFAR parameters of make_cifar_c.py, generated with fixed seeds; see corruptions.py); "
+            f"{result.get('measured_in_trials', 0)} of {len(result['runs'])} runs measured at the end of their trial (robustness: true), "
+            f"the others by this analysis. mCE is relative to "
             f"{esc(', '.join(result['baseline_runs']))} (100 = as robust as the baseline).</p>"
             + table(["run", "clean acc %", "mean corruption acc %", "mCE"], rows) + img(result.get("figure"), "accuracy per corruption and run"))
 

@@ -5,6 +5,7 @@ Works the same against the local SQLite store and a tracking server (``mlflow se
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -59,6 +60,7 @@ class RunRecord:
     folder: Path
     uri: str
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    artifacts: frozenset[str] = frozenset()  # the run's top-level artifact paths
 
     @cached_property
     def config(self) -> dict:
@@ -70,6 +72,15 @@ class RunRecord:
 
     def weights_path(self) -> Path:
         return download(self.uri, self.run_id, metrics.WEIGHTS_FILE, self.folder.parent)
+
+    @cached_property
+    def trial_robustness(self) -> dict | None:
+        """The corruption test the trial ran on its own device (``robustness: true``) with accuracy per severity, or None
+        (not run, or logged by an older version as means only)."""
+        if metrics.ROBUSTNESS_FILE not in self.artifacts:
+            return None
+        logged = json.loads(download(self.uri, self.run_id, metrics.ROBUSTNESS_FILE, self.folder.parent).read_text())
+        return logged if {"accuracy", "images", "requested"} <= set(logged) else None
 
 
 def download(uri: str, run_id: str, artifact: str, cache: Path) -> Path:
@@ -102,7 +113,8 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
         runs = [r for r in runs if r.data.tags.get(tracking.SWEEP_TAG) == wanted]
     records = []
     for run in runs:
-        if not has_predictions(mlflow_client, run):
+        artifacts = frozenset(a.path for a in mlflow_client.list_artifacts(run.info.run_id)) if run.info.status == "FINISHED" else frozenset()
+        if metrics.PREDICTIONS_FILE not in artifacts:  # pruned, killed or failed (a pruned run may end FINISHED without them)
             stopped = run.data.tags.get(tracking.STOPPED_BY_TAG)
             why = f", stopped by {stopped} at epoch {run.data.tags.get(tracking.EPOCHS_TAG, '?')}" if stopped else ""
             log(f"note: skipping {run.data.tags.get('mlflow.runName', run.info.run_id)} ({run.info.status}{why}): no test predictions")
@@ -111,15 +123,10 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
             download(uri, run.info.run_id, artifact, cache)
         history = {k: [(m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, k)] for k in metrics.EPOCH_METRICS}
         records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
-                                 run.data.metrics, cache / run.info.run_id, uri, history))
+                                 run.data.metrics, cache / run.info.run_id, uri, history, artifacts))
     if not records:
         raise InputError(f"experiment {experiment!r} has no finished trial runs with test predictions (sweep {sweep}) at {uri}")
     return records
-
-
-def has_predictions(mlflow_client, run) -> bool:
-    """A FINISHED run that logged its test predictions (a pruned run that ended FINISHED would not have them)."""
-    return run.info.status == "FINISHED" and any(a.path == metrics.PREDICTIONS_FILE for a in mlflow_client.list_artifacts(run.info.run_id))
 
 
 def load_model(record: RunRecord, device: str = "cpu"):

@@ -80,14 +80,14 @@ def write_cifar(root: Path, monkeypatch, hundred: bool, n_train: int = 60, n_tes
 
 @pytest.fixture(scope="session")
 def shared_jpeg(tmp_path_factory) -> Path:
-    """The shared real CIFAR-10 JPEG set, unpacked once per session (skipped where absent)."""
-    import tarfile
+    """The shared real CIFAR-10 JPEG set, unpacked once per session (skipped where absent). GNU tar, as the README's
+    command: 4 s for the 60,000 files, where Python's tarfile takes 55 s."""
+    import subprocess
 
     if not SHARED_JPEG_TAR.exists():
         pytest.skip(f"{SHARED_JPEG_TAR} not present")
     out = tmp_path_factory.mktemp("jpeg")
-    with tarfile.open(SHARED_JPEG_TAR) as tar:
-        tar.extractall(out, filter="data")
+    subprocess.run(["tar", "xzf", str(SHARED_JPEG_TAR), "-C", str(out), "--no-same-owner"], check=True)
     return out / "cifar10-jpeg"
 
 

@@ -51,17 +51,28 @@ def test_report_conclusions_state_the_change_beside_the_churn(churn_report):
     assert "McNemar p < 0.05 in" not in text and "p (Holm)" in text
 
 
-def test_trial_end_robustness_metrics_equal_the_analysis(churn_report):
+def test_the_trials_corruption_test_is_reused_and_equals_the_analysis_own(churn_report, tmp_path):
+    """Every run's trial ran the test on 40 images, so the report reads it; computed again here for one run per
+    architecture, it gives the same accuracy per corruption and severity, and the logged metrics are their means."""
     import mlflow
     import numpy as np
 
+    from analysis.pipeline import ImageCache, robustness_step
     from analysis.runs import find_runs
 
     *_, uri, out = churn_report
     report = json.loads((out / "robustness.json").read_text())
+    assert report["images"] == 40 and report["measured_in_trials"] == 12
+    runs = find_runs("churn", uri, out / ".artifacts")
+    picked = [next(r for r in runs if r.params["arch"] == arch) for arch in ("plain_cnn", "residual_cnn")]
+    again = robustness_step(picked, ImageCache(), tmp_path, 40, None, reuse=False)
     client = mlflow.MlflowClient(uri)
-    assert report["images"] == 40
-    for run in find_runs("churn", uri, out / ".artifacts"):
+    for run in picked:
+        computed = again["runs"][run.name]
+        assert computed["measured"] == "analysis" and report["runs"][run.name]["measured"] == "trial"
+        assert len(computed["accuracy"]) == 11 and all(len(v) == 5 for v in computed["accuracy"].values())
+        assert report["runs"][run.name]["accuracy"] == computed["accuracy"], run.name  # fractions of 40 images: exact
+        assert report["runs"][run.name]["clean"] == pytest.approx(computed["clean"], abs=1e-12)
         logged = client.get_run(run.run_id).data.metrics
-        for name, accuracy in report["runs"][run.name]["accuracy"].items():
+        for name, accuracy in computed["accuracy"].items():
             assert logged[f"robustness/{name}"] == pytest.approx(np.mean(accuracy), abs=1e-12), (run.name, name)
