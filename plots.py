@@ -40,6 +40,24 @@ def plot_curves(histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]
     return _save(fig, path)
 
 
+def plot_attack_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: str | Path, title: str) -> Path:
+    """Accuracy against epsilon: one colour per run, one line style per attack (PGD solid, FGSM dashed, others dotted)."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    styles = {"pgd": "-", "fgsm": "--"}
+    for i, (run, attacks) in enumerate(curves.items()):
+        for attack, points in attacks.items():
+            eps, acc = zip(*points)
+            ax.plot(eps, acc, styles.get(attack, ":"), marker="o", markersize=3, color=f"C{i % 10}", label=f"{run} {attack}")
+    ax.set_xlabel("epsilon (/255, L-inf, pixel space)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) <= 12:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _save(fig, path)
+
+
 def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Row-normalised confusion matrix (rows: true class), annotated when classes are few."""
     norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                                                           "else 1000. Runs whose trial tested the same subset are read, not recomputed")
     p.add_argument("--road-images", type=int, default=64, help="seeded test images per run on which Grad-CAM's ROAD faithfulness is measured, "
                                                                "beside a random map's and a centred blob's (default 64)")
+    p.add_argument("--adversarial-images", type=int, default=100, help="class-balanced test images per run attacked with FGSM and PGD "
+                                                                          "at epsilon 1, 2, 4, 8 /255 (0: skip; default 100)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD iterations after the FGSM start (default 10)")
+    p.add_argument("--pgd-step-size", type=float, default=0.25, help="PGD step as a fraction of epsilon (default 0.25)")
     p.add_argument("--workers", type=int, help="processes analysing runs in parallel (default: one per usable core)")
     p.add_argument("--sweep", default="latest", help="which launch: latest (default), all, or a sweep id")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
-                     args.corruption_images, args.road_images, args.workers)
+                     args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

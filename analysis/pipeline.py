@@ -16,15 +16,30 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-import metrics
+import adversarial
 import corruptions
+import metrics
 import plots
-from analysis import calibration, compare, failures as fail, gradcam, persistent
+from analysis import calibration, compare, failures as fail, gradcam, label_issues, persistent
 from analysis.runs import RunRecord, find_runs, load_model, test_images
 from schema import InputError
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
 DEFAULT_CORRUPTION_IMAGES = 1000
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every run's analysis is given (picklable: it travels to the worker processes)."""
+
+    threshold: float
+    layers: dict[str, str]
+    max_cams: int
+    road_images: int = 64
+    label_errors: frozenset[int] = frozenset()
+    adversarial_images: int = 100
+    pgd_steps: int = 10
+    pgd_step_size: float = 0.25
 
 
 @dataclass
@@ -38,6 +53,11 @@ class RunAnalysis:
     resolution: tuple[int, int]
     road: dict[str, float] = field(default_factory=dict)  # mean ROAD of Grad-CAM and of the reference maps, on the same images
     figures: dict[str, Path] = field(default_factory=dict)
+    adversarial: dict | None = None  # accuracy under FGSM and PGD per epsilon (adversarial.robust_accuracy)
+
+    @property
+    def failures_excluding_label_errors(self) -> list[dict]:
+        return [f for f in self.failures if not f.get("likely_label_error")]
 
 
 @dataclass
@@ -87,16 +107,19 @@ def road_step(model, target, x: np.ndarray, mean, std, pred, n_images: int) -> t
     return road | {"images": len(pos)}, fail.border_fraction(cams)
 
 
-def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float, layers: dict[str, str], max_cams: int,
-                road_images: int = 64) -> RunAnalysis:
-    """Failures, Grad-CAM and categories of one run; writes failures.json and its figures."""
+def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSettings) -> RunAnalysis:
+    """Failures (each marked whether its test image is a likely label error), Grad-CAM and categories of one run; writes
+    failures.json and its figures."""
     from model_zoo import gradcam_target
 
+    threshold, max_cams = settings.threshold, settings.max_cams
     pred = run.predictions
     found = fail.mine_failures(pred, threshold)
+    for f in found:
+        f["likely_label_error"] = f["test_index"] in settings.label_errors
     x, mean, std = images.get(run)
     model = load_model(run)
-    layer = layers.get(run.config["arch"])
+    layer = settings.layers.get(run.config["arch"])
     target = gradcam_target(model, run.config["arch"], layer)
     layer_name = layer or next(n for n, m in model.named_modules() if m is target)
     explained = found[:max_cams]
@@ -106,7 +129,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
     cams_true = gradcam.compute_cams(model, target, inputs, [f["true_label"] for f in explained])
     border = dict(zip((f["test_index"] for f in explained), fail.border_fraction(cams_pred).tolist()))
     shown = min(8, len(explained))
-    road, reference_border = road_step(model, target, x, mean, std, pred, road_images)
+    road, reference_border = road_step(model, target, x, mean, std, pred, settings.road_images)
     scores = gradcam.faithfulness(model, inputs[:shown], cams_pred[:shown], [f["predicted_label"] for f in explained[:shown]])
     image_colours = fail.mean_colours(x)
     class_colours = np.stack([image_colours[pred.labels == k].mean(0) for k in range(len(pred.classes))])
@@ -125,6 +148,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failures.json").write_text(json.dumps({
         "run_id": run.run_id, "run_name": run.name, "threshold": threshold, "count": len(found),
+        "count_excluding_likely_label_errors": len(result.failures_excluding_label_errors),
         "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution), "road": road, "chance": chance,
         "categories": [asdict(c) for c in categories], "failures": found}, indent=1))
     titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:24]]
@@ -135,15 +159,46 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, threshold: float,
                                                        road_titles[:shown], folder / "gradcam_failures.png")
     confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
     result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)
+    if settings.adversarial_images > 0:
+        result.adversarial, figure = adversarial_run(model, target, x, mean, std, pred, settings, folder)
+        if figure:
+            result.figures["adversarial"] = figure
     return result
+
+
+def adversarial_run(model, target, x: np.ndarray, mean, std, pred, settings: RunSettings, folder: Path, shown: int = 8) -> tuple[dict, Path | None]:
+    """FGSM and PGD accuracy per epsilon on a class-balanced test subset; Grad-CAM before and after the PGD
+    perturbation for the images that flip at the smallest epsilon."""
+    import torch
+
+    pos = corruptions.balanced_subset(pred.labels, len(pred.classes), settings.adversarial_images)
+    result = adversarial.robust_accuracy(model, x[pos], pred.labels[pos], mean, std, steps=settings.pgd_steps, step_size=settings.pgd_step_size)
+    first = result.pop("first_flip")
+    result["first_flip_pgd"] = {int(pred.index[q]): e for q, e in zip(pos, first["pgd"]) if e is not None}
+    result["first_flip_fgsm"] = {int(pred.index[q]): e for q, e in zip(pos, first["fgsm"]) if e is not None}
+    flips = sorted((e, q) for q, e in zip(pos.tolist(), first["pgd"]) if e is not None)[:shown]
+    if not flips:
+        return result, None
+    chosen = np.array([q for _, q in flips])
+    m, s = torch.as_tensor(mean).view(1, -1, 1, 1), torch.as_tensor(std).view(1, -1, 1, 1)
+    clean = torch.from_numpy(x[chosen]).float().div(255)
+    y = torch.as_tensor(pred.labels[chosen]).long()
+    adv = torch.cat([adversarial.pgd(model, clean[i : i + 1], y[i : i + 1], e, m, s, settings.pgd_steps, settings.pgd_step_size) for i, (e, _) in enumerate(flips)])
+    with torch.no_grad():
+        after = model((adv - m) / s).argmax(1).numpy()
+    before_cams = gradcam.compute_cams(model, target, (clean - m) / s, pred.preds[chosen])
+    after_cams = gradcam.compute_cams(model, target, (adv - m) / s, after)
+    titles = [f"#{pred.index[q]} {pred.classes[pred.labels[q]]}->{pred.classes[a]} at {e * 255:.0f}/255" for (e, q), a in zip(flips, after)]
+    figure = gradcam.cam_figure(x[chosen], {"Grad-CAM: clean prediction": before_cams, "Grad-CAM: after PGD": after_cams}, titles,
+                                folder / "adversarial_flips.png")
+    return result, figure
 
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float, layers: dict[str, str], max_cams: int,
-                 road_images: int, workers: int | None = None) -> list[RunAnalysis]:
+def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, settings: RunSettings, workers: int | None = None) -> list[RunAnalysis]:
     """``analyse_run`` for every run, in run order. With several workers (default: one per usable core, at most one per
     run) the runs go to spawned processes, each with its share of the cores as torch threads: much of a run's analysis
     (figures, JSON, Grad-CAM's small batches) is single-threaded Python, which one process cannot spread over cores."""
@@ -152,11 +207,11 @@ def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, threshold
 
     def finished(i: int, analysis: RunAnalysis) -> None:
         done[i] = analysis
-        log(f"run {len(done)}/{len(runs)} {analysis.run.name}: {len(analysis.failures)} failures above {threshold}")
+        log(f"run {len(done)}/{len(runs)} {analysis.run.name}: {len(analysis.failures)} failures above {settings.threshold}")
 
     if workers <= 1:
         for i, run in enumerate(runs):
-            finished(i, analyse_run(run, images, out, threshold, layers, max_cams, road_images))
+            finished(i, analyse_run(run, images, out, settings))
         return [done[i] for i in range(len(runs))]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -164,7 +219,7 @@ def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, threshold
     log(f"analysing {len(runs)} runs in {workers} processes")
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup,
                              initargs=(max(1, usable_cores() // workers),)) as pool:
-        futures = {pool.submit(_analyse_in_worker, run, out, threshold, layers, max_cams, road_images): i for i, run in enumerate(runs)}
+        futures = {pool.submit(_analyse_in_worker, run, out, settings): i for i, run in enumerate(runs)}
         for future in as_completed(futures):
             finished(futures[future], future.result())
     return [done[i] for i in range(len(runs))]
@@ -322,13 +377,15 @@ def calibration_step(runs: list[RunRecord], out: Path, threshold: float) -> tupl
     return summary, figure
 
 
-def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float) -> dict | None:
-    """Images (nearly) every run gets confidently wrong vs failures that depend on seed or setting."""
+def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float, label_errors: frozenset[int] = frozenset()) -> dict | None:
+    """Images (nearly) every run gets confidently wrong vs failures that depend on seed or setting; those among them that
+    label_issues.json flags as likely label errors."""
     if len(runs) < 2:
         return None
     groups = persistent.split_groups(runs, threshold)
     keys = [k for k in ("augment", "arch", "seed") if len({r.params.get(k) for r in runs}) > 1]
     result = {"runs": len(runs), "counts": persistent.persistent_counts(runs, threshold), "groups": groups,
+              "likely_label_errors": {name: sorted(set(indices) & label_errors) for name, indices in groups.items()},
               "fixes": {k: persistent.fixes_by_setting(runs, groups, k) for k in keys}}
     (out / "persistent.json").write_text(json.dumps(result, indent=1))
     shown = groups["persistent"][:24]
@@ -341,6 +398,40 @@ def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, thresh
             usual, n = persistent.usual_prediction(runs, i)
             titles.append(f"#{i} {p.classes[p.labels[q]]}->{usual} ({result['counts'][i]}/{len(runs)})")
         result["figure"] = gradcam.image_grid(x[pos], titles, out / "persistent_failures.png")
+    return result
+
+
+def adversarial_summary(analyses: list[RunAnalysis], out: Path) -> dict | None:
+    """adversarial.json (every run's accuracy per attack and epsilon) and the accuracy-vs-epsilon curves."""
+    results = {a.run.name: a.adversarial for a in analyses if a.adversarial}
+    if not results:
+        return None
+    first = next(iter(results.values()))
+    summary = {"images": first["images"], "epsilons": first["epsilons"], "attacks": sorted(adversarial.ATTACKS), "steps": first["steps"],
+               "step_size": first["step_size"], "runs": results}
+    (out / "adversarial.json").write_text(json.dumps(summary, indent=1))
+    curves = {name: {attack: list(zip([e * 255 for e in r["epsilons"]], r["accuracy"][attack])) for attack in summary["attacks"]}
+              for name, r in results.items()}
+    summary["figure"] = plots.plot_attack_curves(curves, out / "adversarial_accuracy.png",
+                                                 f"accuracy under FGSM and PGD ({summary['steps']} steps) on {summary['images']} test images")
+    return summary
+
+
+def label_issues_step(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float, shown: int = 24) -> dict | None:
+    """label_issues.json: the test images most likely mislabelled (cleanlab on the runs' mean probabilities), and a grid of
+    the top ``shown`` with the given and the suggested label."""
+    try:
+        result = label_issues.label_issues(runs, threshold)
+    except ValueError as err:  # e.g. a class absent from the test labels
+        log(f"label issues skipped: {err}")
+        return None
+    (out / "label_issues.json").write_text(json.dumps(result, indent=1))
+    top = [c for c in result["candidates"] if c["flagged"]][:shown]
+    if top:
+        x, _, _ = images.get(runs[0])
+        titles = [f"#{c['test_index']} given {c['given_class']}, suggested {c['suggested_class']} ({c['quality']:.2f})" for c in top]
+        result["figure"] = gradcam.image_grid(x[[c["position"] for c in top]], titles, out / "label_issues.png")
+    log(f"label issues: {result['count']} of {result['test_images']} test images flagged as likely mislabelled")
     return result
 
 
@@ -397,7 +488,8 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
 
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
-                 log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 64, workers: int | None = None) -> Path:
+                 log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 64, workers: int | None = None,
+                 adversarial_images: int = 100, pgd_steps: int = 10, pgd_step_size: float = 0.25) -> Path:
     """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);
     return the path of the HTML report."""
     from analysis import report
@@ -409,10 +501,14 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     layers = resolve_layers(layer, runs)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
-    analyses = analyse_runs(runs, images, out, threshold, layers, max_cams, road_images, workers)
+    extra = {"label_issues": label_issues_step(runs, images, out, threshold)}
+    flagged = frozenset(label_issues.flagged_indices(extra["label_issues"]))
+    settings = RunSettings(threshold, layers, max_cams, road_images, flagged, adversarial_images, pgd_steps, pgd_step_size)
+    analyses = analyse_runs(runs, images, out, settings, workers)
+    extra["adversarial"] = adversarial_summary(analyses, out)
     figures = sweep_figures(analyses, out)
     figures["gallery"] = class_gallery(runs[0], images, out, layers, gallery)
-    extra = {"calibration": calibration_step(runs, out, threshold), "persistent": persistent_step(runs, images, out, threshold)}
+    extra |= {"calibration": calibration_step(runs, out, threshold), "persistent": persistent_step(runs, images, out, threshold, flagged)}
     wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else infer_comparisons(runs)
     extra["robustness"] = robustness_step(runs, images, out, corruption_images, wanted[0][0] if wanted else None)
     comparisons = [c for b, v in wanted if (c := compare_runs(runs, b, v, images, out, threshold, layers))]

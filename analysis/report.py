@@ -93,9 +93,9 @@ def results_section(analyses, figures: dict) -> str:
         m = a.run.metrics
         road = [f"{a.road[k]:+.3f}" if k in a.road else "-" for k in ("Grad-CAM", "random map", "centred blob")]
         rows.append([Link(a.run.name, "#" + anchor(a.run.name)), fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)), m.get(metrics.TEST_EPOCH, "-"),
-                     len(a.failures), f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", *road, a.run.run_id[:8]])
+                     len(a.failures), len(a.failures_excluding_label_errors), f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", *road, a.run.run_id[:8]])
     images = next((a.road.get("images") for a in analyses if a.road), 0)
-    return ("<h2 id='results'>Results: every run</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "tested epoch", "failures", "Grad-CAM layer",
+    return ("<h2 id='results'>Results: every run</h2>" + table(["run", "test acc %", "macro F1 %", "val acc %", "tested epoch", "failures", "excl. likely label errors", "Grad-CAM layer",
                                        "ROAD Grad-CAM", "ROAD random map", "ROAD centred blob", "run id"], rows)
             + f"<p class='note'>ROAD (pytorch-grad-cam's ROADCombined, percentiles 20-80, seeded imputation) on the same {images} seeded test "
               "images per run, for the predicted class: (drop when the most relevant pixels are removed - drop when the least relevant are) / 2. "
@@ -115,10 +115,13 @@ def failures_section(analyses, figures: dict) -> str:
              "open it from here or from its name in the table above.</p>"]
     for a in analyses:
         cats = [[c.name, c.evidence, ", ".join(map(str, c.test_indices[:12])) + (" ..." if len(c.test_indices) > 12 else "")] for c in a.categories]
-        parts.append(f"<details id='{anchor(a.run.name)}'><summary>{esc(a.run.name)}: {len(a.failures)} failures</summary>")
+        parts.append(f"<details id='{anchor(a.run.name)}'><summary>{esc(a.run.name)}: {len(a.failures)} failures, "
+                     f"{len(a.failures_excluding_label_errors)} excluding likely label errors</summary>")
         parts.append(table(["category", "evidence", "test indices"], cats) if cats else "<p class='note'>No failure above the threshold.</p>")
         parts.append(img(a.figures.get("failures"), "most confident failures: #index truth->prediction confidence"))
         parts.append(img(a.figures.get("gradcam"), f"Grad-CAM on {a.layer} ({a.resolution[0]}x{a.resolution[1]}) for the predicted and the true class"))
+        parts.append(img(a.figures.get("adversarial"), "images that flip at the smallest epsilon under PGD: Grad-CAM of the clean and of the "
+                                                          "adversarial prediction (#index truth->adversarial prediction at epsilon)"))
         parts.append(img(a.figures.get("confusion"), f"normalised confusion matrix, {a.run.name}") + "</details>")
     parts.append(img(figures.get("gallery"), "class gallery: Grad-CAM of the predicted class for the first test images of chosen classes"))
     return "".join(parts)
@@ -173,14 +176,48 @@ def robustness_section(extra: dict) -> str:
             + table(["run", "clean acc %", "mean corruption acc %", "mCE"], rows) + img(result.get("figure"), "accuracy per corruption and run"))
 
 
+def adversarial_section(extra: dict) -> str:
+    result = extra.get("adversarial")
+    if not result:
+        return ""
+    eps = [f"{e * 255:g}/255" for e in result["epsilons"]]
+    headers = ["run", *(f"{attack.upper()} {e}" for attack in result["attacks"] for e in eps[1:]), "clean %"]
+    rows = [[name, *(fmt(r["accuracy"][attack][k]) for attack in result["attacks"] for k in range(1, len(eps))), fmt(r["clean"])]
+            for name, r in sorted(result["runs"].items(), key=lambda kv: -kv[1]["accuracy"]["pgd"][-1])]
+    return (f"<h2>Adversarial robustness</h2><p>Accuracy (%) of every run under L-inf FGSM and PGD ({result['steps']} steps of "
+            f"{result['step_size']:g} epsilon, from the FGSM point) on {result['images']} class-balanced test images, in pixel space with "
+            f"the model's normalisation inside the attacked function. Each figure is the worst case up to that epsilon (an image broken "
+            f"at a smaller epsilon counts as broken), so it cannot rise with epsilon, and PGD breaks every image FGSM breaks. Per run, "
+            f"the images that flip at the smallest epsilon with Grad-CAM before and after are in its section below; all numbers in "
+            f"adversarial.json.</p>" + table(headers, rows) + img(result.get("figure"), "accuracy against epsilon per run (PGD solid, FGSM dashed)"))
+
+
+def label_issues_section(extra: dict, shown: int = 20) -> str:
+    result = extra.get("label_issues")
+    if not result:
+        return ""
+    rows = [[c["test_index"], c["given_class"], c["suggested_class"], f"{c['quality']:.3f}", f"{c['mean_prob_given']:.3f}",
+             f"{c['runs_failing_confidently']}/{result['runs']}", "yes" if c["flagged"] else "no"] for c in result["candidates"][:shown]]
+    return (f"<h2>Likely label errors</h2><p>{result['count']} of {result['test_images']} test images are flagged as likely mislabelled by "
+            f"confident learning (Northcutt et al. 2021): {esc(result['method'])}. The runs never trained on the test set, so their "
+            f"probabilities are out-of-sample. A confident failure on such an image says more about the label than about the model: "
+            f"failure counts are given both ways (all, and excluding these). All candidates: label_issues.json.</p>"
+            + f"<p class='note'>The {len(rows)} lowest label-quality scores:</p>"
+            + (table(["test index", "given label", "suggested", "quality", "mean p(given)", "runs failing confidently", "flagged"], rows) if rows else "")
+            + img(result.get("figure"), "flagged as likely label errors: #index given and suggested label (quality score)"))
+
+
 def persistent_section(extra: dict) -> str:
     result = extra.get("persistent")
     if not result:
         return ""
     groups = result["groups"]
+    flagged = result.get("likely_label_errors", {})
     parts = [f"<h2>Persistent failures</h2><p>Of the test images any of the {result['runs']} runs gets confidently wrong, "
              f"{len(groups['persistent'])} are confidently wrong in (nearly) every run (all but at most one) and {len(groups['dependent'])} "
-             f"depend on seed or setting.</p>"]
+             f"depend on seed or setting. Flagged as likely label errors (see above): {len(flagged.get('persistent', []))} of the "
+             f"persistent and {len(flagged.get('dependent', []))} of the dependent ones"
+             + (f" (test indices {', '.join(map(str, flagged['persistent'][:20]))})" if flagged.get("persistent") else "") + ".</p>"]
     for key, values in result["fixes"].items():
         rows = [[value, fmt(v["persistent"]), fmt(v["dependent"])] for value, v in values.items()]
         parts.append(f"<p>Share of each group classified correctly, by {esc(key)}:</p>" + table([key, "persistent %", "seed/setting-dependent %"], rows))
@@ -207,9 +244,22 @@ def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
         cal = extra["calibration"][0]
         eces = [c["ece"] for c in cal.values()]
         out.append(f"Mean ECE across runs: {np.mean(eces):.3f} (range {min(eces):.3f} to {max(eces):.3f}).")
+        if extra.get("label_issues"):
+            li = extra["label_issues"]
+            total, kept = sum(len(a.failures) for a in analyses), sum(len(a.failures_excluding_label_errors) for a in analyses)
+            out.append(f"Likely label errors (cleanlab on the mean probabilities of {li['runs']} runs): {li['count']} of {li['test_images']} test images; "
+                       f"of the {total} confident failures over all runs, {kept} remain after excluding them.")
         if extra.get("persistent"):
             g = extra["persistent"]["groups"]
-            out.append(f"{len(g['persistent'])} test images are confidently misclassified by (nearly) every run; {len(g['dependent'])} failures depend on seed or setting.")
+            flagged = len(extra["persistent"].get("likely_label_errors", {}).get("persistent", []))
+            out.append(f"{len(g['persistent'])} test images are confidently misclassified by (nearly) every run ({flagged} of them likely label errors); "
+                       f"{len(g['dependent'])} failures depend on seed or setting.")
+        if extra.get("adversarial"):
+            runs = extra["adversarial"]["runs"]
+            best = max(runs, key=lambda n: runs[n]["accuracy"]["pgd"][-1])
+            eps = extra["adversarial"]["epsilons"][-1] * 255
+            out.append(f"Most robust to PGD at {eps:g}/255: {best}, {runs[best]['accuracy']['pgd'][-1] * 100:.1f}% (clean {runs[best]['clean'] * 100:.1f}%); "
+                       f"mean over runs {np.mean([r['accuracy']['pgd'][-1] for r in runs.values()]) * 100:.1f}%.")
         if extra.get("robustness"):
             runs = extra["robustness"]["runs"]
             best = min(runs, key=lambda n: runs[n]["mce"])
@@ -244,7 +294,7 @@ def change_sentence(c, s: dict) -> str:
 
 
 SECTIONS = (("conclusions", "Conclusions"), ("comparisons", "Comparisons"), ("results", "Every run"), ("robustness", "Corruptions"),
-            ("calibration", "Calibration"), ("persistent", "Persistent failures"), ("failures", "Per run: failures and Grad-CAM"), ("setup", "Setup"))
+            ("adversarial", "Adversarial"), ("calibration", "Calibration"), ("label-issues", "Label errors"), ("persistent", "Persistent failures"), ("failures", "Per run: failures and Grad-CAM"), ("setup", "Setup"))
 
 
 def write_report(out: Path, experiment: str, uri: str, threshold: float, analyses, comparisons, figures: dict, extra: dict) -> Path:
@@ -258,14 +308,18 @@ def write_report(out: Path, experiment: str, uri: str, threshold: float, analyse
                 + "<ul class='conclusions'>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>"
                 + "<div id='comparisons'>" + comparison_section(comparisons) + "</div>"
                 + results_section(analyses, figures) + "<div id='robustness'>" + robustness_section(extra) + "</div>"
-                + "<div id='calibration'>" + calibration_section(extra) + "</div><div id='persistent'>" + persistent_section(extra) + "</div>"
+                + "<div id='adversarial'>" + adversarial_section(extra) + "</div>"
+                + "<div id='calibration'>" + calibration_section(extra) + "</div><div id='label-issues'>" + label_issues_section(extra) + "</div>"
+                + "<div id='persistent'>" + persistent_section(extra) + "</div>"
                 + failures_section(analyses, figures) + "<div id='setup'>" + setup_section(experiment, uri, threshold, analyses) + "</div>")
     finally:
         ROOT.reset(token)
     path = out / "report.html"
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>stresslab: {esc(experiment)}</title><style>{STYLE}</style></head><body>{body}</body></html>")
     summary = {"experiment": experiment, "threshold": threshold, "conclusions": lines,
-               "runs": [{"run_id": a.run.run_id, "name": a.run.name, "failures": len(a.failures), "test_acc": a.run.metrics.get(metrics.TEST_ACC)} for a in analyses]}
+               "runs": [{"run_id": a.run.run_id, "name": a.run.name, "failures": len(a.failures),
+                         "failures_excluding_likely_label_errors": len(a.failures_excluding_label_errors), "test_acc": a.run.metrics.get(metrics.TEST_ACC)}
+                        for a in analyses]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return path
 

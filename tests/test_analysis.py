@@ -240,6 +240,49 @@ def test_mined_failures_equal_brute_force_from_the_logged_predictions(analysed, 
         assert written["count"] == len(expected) and written["gradcam_layer"] == "stages.2"
 
 
+def test_label_issues_are_listed_and_every_failure_count_is_given_both_ways(analysed, finished_sweep):
+    """label_issues.json ranks the test images (cleanlab on the 4 runs' mean probabilities); each failure says whether its
+    image is flagged, and failures.json, the overview table and the persistent section count both ways."""
+    out, path = analysed
+    result = json.loads((out / "label_issues.json").read_text())
+    runs = find_runs("tiny", finished_sweep["uri"], out / ".artifacts")
+    mean = np.mean([r.predictions.probs for r in runs], axis=0)
+    labels = runs[0].predictions.labels
+    assert result["runs"] == 4 and result["test_images"] == len(labels) and result["count"] == sum(c["flagged"] for c in result["candidates"])
+    for c in result["candidates"]:  # self-confidence: the mean probability of the given label
+        assert c["quality"] == pytest.approx(mean[c["position"], labels[c["position"]]] / mean[c["position"]].sum(), abs=1e-5)
+    flagged = {c["test_index"] for c in result["candidates"] if c["flagged"]}
+    text = path.read_text()
+    for run in runs:
+        written = json.loads((out / "runs" / run.name / "failures.json").read_text())
+        assert all(f["likely_label_error"] == (f["test_index"] in flagged) for f in written["failures"])
+        kept = sum(not f["likely_label_error"] for f in written["failures"])
+        assert written["count_excluding_likely_label_errors"] == kept
+        assert f"{run.name}: {written['count']} failures, {kept} excluding likely label errors</summary>" in text
+    assert "<h2>Likely label errors</h2>" in text and "excl. likely label errors" in text and "<a href='#label-issues'>" in text
+    persistent = json.loads((out / "persistent.json").read_text())
+    assert persistent["likely_label_errors"]["persistent"] == sorted(set(persistent["groups"]["persistent"]) & flagged)
+
+
+def test_adversarial_accuracy_is_reported_per_run_and_epsilon(analysed, finished_sweep):
+    """Every run attacked on 100 class-balanced test images; the clean figure is the logged predictions' accuracy there."""
+    from corruptions import balanced_subset
+
+    out, path = analysed
+    result = json.loads((out / "adversarial.json").read_text())
+    assert result["epsilons"] == [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255] and result["attacks"] == ["fgsm", "pgd"]
+    for run in find_runs("tiny", finished_sweep["uri"], out / ".artifacts"):
+        r, p = result["runs"][run.name], run.predictions
+        pos = balanced_subset(p.labels, len(p.classes), 100)
+        assert r["images"] == len(pos) and r["clean"] == pytest.approx(float(p.correct[pos].mean()), abs=1e-9)
+        for attack in ("fgsm", "pgd"):
+            acc = r["accuracy"][attack]
+            assert acc[0] == r["clean"] and all(b <= a for a, b in zip(acc, acc[1:]))
+        assert all(q <= f for q, f in zip(r["accuracy"]["pgd"], r["accuracy"]["fgsm"]))
+    text = path.read_text()
+    assert "<h2>Adversarial robustness</h2>" in text and "PGD 8/255" in text and (out / "adversarial_accuracy.png").is_file()
+
+
 def test_comparison_pairs_runs_by_seed(analysed):
     out, _ = analysed
     data = json.loads((out / "compare" / "plain_cnn_vs_residual_cnn" / "comparison.json").read_text())

@@ -1,0 +1,53 @@
+"""Label-error candidates among the test images: confident learning (Northcutt et al. 2021, the ``cleanlab`` package)
+on the mean test-set probabilities of every run of the sweep.
+
+Out-of-sample by construction: no run trained on the test set. A confident failure that (nearly) every run makes is
+often a wrong or ambiguous label rather than a model failure; the report counts failures both ways.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from analysis.persistent import failure_matrix
+from analysis.runs import RunRecord
+
+METHOD = ("flagged by cleanlab.filter.find_label_issues (confident learning, prune_by_noise_rate) on the mean softmax of {runs} runs, "
+          "ranked by cleanlab.rank.get_label_quality_scores (self_confidence: the mean probability of the given label)")
+
+
+def mean_probabilities(runs: list[RunRecord]) -> np.ndarray:
+    """The runs' test-set softmax averaged over runs (every run on the same test images, in the same order)."""
+    index = runs[0].predictions.index
+    for run in runs:
+        if not np.array_equal(run.predictions.index, index):
+            raise ValueError(f"run {run.name} was evaluated on other test images than {runs[0].name}")
+    return np.mean([run.predictions.probs for run in runs], axis=0)
+
+
+def label_issues(runs: list[RunRecord], threshold: float, listed: int = 100) -> dict:
+    """The test images ranked by label quality (lowest first: most likely mislabelled), at least ``listed`` of them and
+    every one confident learning flags: position, test index, given and suggested label, quality score, ``flagged``
+    and how many runs fail the image with confidence above ``threshold``. ``count``: how many are flagged."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    p = runs[0].predictions
+    probs = mean_probabilities(runs)
+    probs = probs / probs.sum(1, keepdims=True)  # float32 softmax averaged: renormalised to the sum cleanlab checks
+    quality = get_label_quality_scores(p.labels, probs, method="self_confidence")
+    flagged = set(find_label_issues(p.labels, probs, filter_by="prune_by_noise_rate").nonzero()[0].tolist())
+    ranked = sorted(set(np.argsort(quality, kind="stable")[:listed].tolist()) | flagged, key=lambda q: (quality[q], q))
+    _, failing = failure_matrix(runs, threshold)
+    failing = failing.sum(0)
+    suggested = probs.argmax(1)
+    candidates = [{"position": int(q), "test_index": int(p.index[q]), "flagged": q in flagged, "given_label": int(p.labels[q]),
+                   "given_class": p.classes[p.labels[q]], "suggested_label": int(suggested[q]), "suggested_class": p.classes[suggested[q]],
+                   "quality": round(float(quality[q]), 6), "mean_prob_given": round(float(probs[q, p.labels[q]]), 6),
+                   "mean_prob_suggested": round(float(probs[q, suggested[q]]), 6), "runs_failing_confidently": int(failing[q])} for q in ranked]
+    return {"method": METHOD.format(runs=len(runs)), "runs": len(runs), "test_images": int(len(p.labels)), "threshold": threshold,
+            "count": len(flagged), "candidates": candidates}
+
+
+def flagged_indices(result: dict | None) -> set[int]:
+    """Test indices flagged as likely label errors (empty without a result)."""
+    return {c["test_index"] for c in result["candidates"] if c["flagged"]} if result else set()
