@@ -26,6 +26,7 @@ from schema import InputError
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
 DEFAULT_CORRUPTION_IMAGES = 1000
+RUNS_PER_WORKER = 8
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class RunSettings:
     threshold: float
     layers: dict[str, str]
     max_cams: int
-    road_images: int = 64
+    road_images: int = 32
     label_errors: frozenset[int] = frozenset()
     adversarial_images: int = 100
     pgd_steps: int = 10
@@ -199,16 +200,18 @@ def usable_cores() -> int:
 
 
 def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, settings: RunSettings, workers: int | None = None) -> list[RunAnalysis]:
-    """``analyse_run`` for every run, in run order. With several workers (default: one per usable core, at most one per
-    run) the runs go to spawned processes, each with its share of the cores as torch threads: much of a run's analysis
-    (figures, JSON, Grad-CAM's small batches) is single-threaded Python, which one process cannot spread over cores."""
-    workers = min(len(runs), workers or usable_cores())
+    """``analyse_run`` for every run, in run order. With several workers (default: one per usable core, but one per
+    RUNS_PER_WORKER runs at most: a worker's start costs seconds of imports) the runs go to spawned processes, each with
+    its share of the cores as torch threads: much of a run's analysis (figures, JSON, Grad-CAM's small batches) is
+    single-threaded Python, which one process cannot spread over cores."""
+    workers = workers or min(usable_cores(), max(1, len(runs) // RUNS_PER_WORKER))
     done: dict[int, RunAnalysis] = {}
 
     def finished(i: int, analysis: RunAnalysis) -> None:
         done[i] = analysis
         log(f"run {len(done)}/{len(runs)} {analysis.run.name}: {len(analysis.failures)} failures above {settings.threshold}")
 
+    workers = min(workers, len(runs))
     if workers <= 1:
         for i, run in enumerate(runs):
             finished(i, analyse_run(run, images, out, settings))
@@ -218,22 +221,44 @@ def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, settings:
 
     log(f"analysing {len(runs)} runs in {workers} processes")
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup,
-                             initargs=(max(1, usable_cores() // workers),)) as pool:
-        futures = {pool.submit(_analyse_in_worker, run, out, settings): i for i, run in enumerate(runs)}
+                             initargs=(max(1, usable_cores() // workers), os.getpid())) as pool:
+        heaviest_first = sorted(range(len(runs)), key=lambda i: -model_size(runs[i]))  # no large model left alone at the end
+        futures = {pool.submit(_analyse_in_worker, runs[i], out, settings): i for i in heaviest_first}
         for future in as_completed(futures):
             finished(futures[future], future.result())
     return [done[i] for i in range(len(runs))]
 
 
+def model_size(run: RunRecord) -> int:
+    """Parameters of the run's model (built on the meta device: no memory, no time), a proxy for its analysis's cost."""
+    import torch
+
+    from model_zoo import create_model
+
+    with torch.device("meta"):
+        model = create_model(run.config["arch"], len(run.predictions.classes), **run.config.get("model", {}))
+    return sum(p.numel() for p in model.parameters())
+
+
 _WORKER_IMAGES: ImageCache | None = None  # a worker's own decode of the test images, shared by the runs it analyses
 
 
-def _worker_setup(threads: int) -> None:
+def _worker_setup(threads: int, parent: int) -> None:
+    import threading
+
     import torch
 
     global _WORKER_IMAGES
     torch.set_num_threads(threads)
     _WORKER_IMAGES = ImageCache()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker whose analysis was killed (Ctrl-C, SIGKILL) stops within a second instead of finishing its run alone."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _analyse_in_worker(run: RunRecord, *args) -> RunAnalysis:
@@ -488,7 +513,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
 
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
-                 log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 64, workers: int | None = None,
+                 log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 32, workers: int | None = None,
                  adversarial_images: int = 100, pgd_steps: int = 10, pgd_step_size: float = 0.25) -> Path:
     """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);
     return the path of the HTML report."""

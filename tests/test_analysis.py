@@ -283,6 +283,20 @@ def test_adversarial_accuracy_is_reported_per_run_and_epsilon(analysed, finished
     assert "<h2>Adversarial robustness</h2>" in text and "PGD 8/255" in text and (out / "adversarial_accuracy.png").is_file()
 
 
+def test_runs_analysed_in_worker_processes_give_what_one_process_gives(analysed, finished_sweep, tmp_path):
+    from analysis.pipeline import ImageCache, RunSettings, analyse_runs
+
+    out, _ = analysed
+    runs = find_runs("tiny", finished_sweep["uri"], out / ".artifacts")
+    settings = RunSettings(0.2, {}, max_cams=2, road_images=4, adversarial_images=0)
+    parallel = analyse_runs(runs, ImageCache(), tmp_path, settings, workers=2)
+    assert [a.run.name for a in parallel] == [r.name for r in runs]  # in run order, whichever finished first
+    for a in parallel:
+        serial = json.loads((out / "runs" / a.run.name / "failures.json").read_text())["failures"]
+        assert [(f["test_index"], f["confidence"]) for f in a.failures] == [(f["test_index"], f["confidence"]) for f in serial]
+        assert (tmp_path / "runs" / a.run.name / "failures.json").is_file() and a.road["images"] == 4
+
+
 def test_comparison_pairs_runs_by_seed(analysed):
     out, _ = analysed
     data = json.loads((out / "compare" / "plain_cnn_vs_residual_cnn" / "comparison.json").read_text())
