@@ -35,7 +35,9 @@ def label_issues(runs: list[RunRecord], threshold: float, listed: int = 100) -> 
     probs = mean_probabilities(runs)
     probs = probs / probs.sum(1, keepdims=True)  # float32 softmax averaged: renormalised to the sum cleanlab checks
     quality = get_label_quality_scores(p.labels, probs, method="self_confidence")
-    flagged = set(find_label_issues(p.labels, probs, filter_by="prune_by_noise_rate").nonzero()[0].tolist())
+    # n_jobs=1: cleanlab's default forks a multiprocessing pool, which deadlocked in a process running Ray's and
+    # torch's threads (CI hung in Pool.terminate); one process takes well under a second for 10,000 images.
+    flagged = set(find_label_issues(p.labels, probs, filter_by="prune_by_noise_rate", n_jobs=1).nonzero()[0].tolist())
     ranked = sorted(set(np.argsort(quality, kind="stable")[:listed].tolist()) | flagged, key=lambda q: (quality[q], q))
     _, failing = failure_matrix(runs, threshold)
     failing = failing.sum(0)

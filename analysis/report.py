@@ -27,6 +27,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px so
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}
 h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}.note{color:#555;font-size:.9em}
 details{margin:.3em 0;border:1px solid #ddd;border-radius:4px;padding:.2em .6em}summary{cursor:pointer;font-weight:600}
+.conclusions details{border:none;padding:0;font-size:.92em}.conclusions summary{font-weight:normal;color:#555}
 nav{font-size:.9em}nav a{margin-right:1em}.conclusions li{margin:.3em 0}"""
 ROOT: contextvars.ContextVar[Path] = contextvars.ContextVar("report_root")  # figure links are relative to the report's folder
 
@@ -265,9 +266,27 @@ def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
             best = min(runs, key=lambda n: runs[n]["mce"])
             out.append(f"Most robust to corruptions: {best} (mCE {runs[best]['mce'] * 100:.1f}, mean corruption accuracy {runs[best]['mean_corruption_acc'] * 100:.1f}% "
                        f"vs {runs[best]['clean'] * 100:.1f}% clean).")
-    for c in comparisons:
-        out += [change_sentence(c, st) for st in c.strata]
     return out
+
+
+def comparison_conclusions(comparisons) -> list[tuple[str, list[str]]]:
+    """Per comparison: its headline sentence (the pooled stratum, or the only one) and the per-architecture ones."""
+    out = []
+    for c in comparisons:
+        sentences = [change_sentence(c, st) for st in c.strata]
+        out.append((sentences[-1], sentences[:-1]))
+    return out
+
+
+def conclusion_items(general: list[str], per_comparison: list[tuple[str, list[str]]]) -> str:
+    """The conclusions list: the per-architecture sentences of a comparison collapsed under its pooled one, so the list
+    stays on the first screen at 36+ runs."""
+    items = [f"<li>{esc(line)}</li>" for line in general]
+    for headline, strata in per_comparison:
+        more = (f"<details><summary>per architecture ({len(strata)})</summary><ul>" + "".join(f"<li>{esc(s)}</li>" for s in strata)
+                + "</ul></details>") if strata else ""
+        items.append(f"<li>{esc(headline)}{more}</li>")
+    return "<ul class='conclusions'>" + "".join(items) + "</ul>"
 
 
 def churn_text(churn: dict | None, key: str) -> str:
@@ -299,13 +318,14 @@ SECTIONS = (("conclusions", "Conclusions"), ("comparisons", "Comparisons"), ("re
 
 def write_report(out: Path, experiment: str, uri: str, threshold: float, analyses, comparisons, figures: dict, extra: dict) -> Path:
     """``out/report.html`` (conclusions first, figures linked beside it) plus ``out/summary.json``."""
-    lines = conclusions(analyses, comparisons, extra)
+    general, per_comparison = conclusions(analyses, comparisons, extra), comparison_conclusions(comparisons)
+    lines = general + [line for headline, strata in per_comparison for line in (*strata, headline)]
     token = ROOT.set(out)
     try:
         nav = "<nav>" + "".join(f"<a href='#{key}'>{title}</a>" for key, title in SECTIONS) + "</nav>"
         body = (f"<h1>Stress test: {esc(experiment)}</h1>" + nav
                 + f"<h2 id='conclusions'>Conclusions</h2><p class='note'>{len(analyses)} runs; computed from the numbers below.</p>"
-                + "<ul class='conclusions'>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>"
+                + conclusion_items(general, per_comparison)
                 + "<div id='comparisons'>" + comparison_section(comparisons) + "</div>"
                 + results_section(analyses, figures) + "<div id='robustness'>" + robustness_section(extra) + "</div>"
                 + "<div id='adversarial'>" + adversarial_section(extra) + "</div>"
