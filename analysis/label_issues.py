@@ -15,15 +15,6 @@ METHOD = ("flagged by cleanlab.filter.find_label_issues (confident learning, pru
           "ranked by cleanlab.rank.get_label_quality_scores (self_confidence: the mean probability of the given label)")
 
 
-def mean_probabilities(runs: list[RunRecord]) -> np.ndarray:
-    """The runs' test-set softmax averaged over runs (every run on the same test images, in the same order)."""
-    index = runs[0].predictions.index
-    for run in runs:
-        if not np.array_equal(run.predictions.index, index):
-            raise ValueError(f"run {run.name} was evaluated on other test images than {runs[0].name}")
-    return np.mean([run.predictions.probs for run in runs], axis=0)
-
-
 def label_issues(runs: list[RunRecord], threshold: float, listed: int = 100) -> dict:
     """The test images ranked by label quality (lowest first: most likely mislabelled), at least ``listed`` of them and
     every one confident learning flags: position, test index, given and suggested label, quality score, ``flagged``
@@ -32,14 +23,14 @@ def label_issues(runs: list[RunRecord], threshold: float, listed: int = 100) -> 
     from cleanlab.rank import get_label_quality_scores
 
     p = runs[0].predictions
-    probs = mean_probabilities(runs)
+    _, failing = failure_matrix(runs, threshold)  # also refuses runs evaluated on other test images
+    probs = np.mean([run.predictions.probs for run in runs], axis=0)
     probs = probs / probs.sum(1, keepdims=True)  # float32 softmax averaged: renormalised to the sum cleanlab checks
     quality = get_label_quality_scores(p.labels, probs, method="self_confidence")
     # n_jobs=1: cleanlab's default forks a multiprocessing pool, which deadlocked in a process running Ray's and
     # torch's threads (CI hung in Pool.terminate); one process takes well under a second for 10,000 images.
     flagged = set(find_label_issues(p.labels, probs, filter_by="prune_by_noise_rate", n_jobs=1).nonzero()[0].tolist())
     ranked = sorted(set(np.argsort(quality, kind="stable")[:listed].tolist()) | flagged, key=lambda q: (quality[q], q))
-    _, failing = failure_matrix(runs, threshold)
     failing = failing.sum(0)
     suggested = probs.argmax(1)
     candidates = [{"position": int(q), "test_index": int(p.index[q]), "flagged": q in flagged, "given_label": int(p.labels[q]),

@@ -204,14 +204,13 @@ def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, settings:
     RUNS_PER_WORKER runs at most: a worker's start costs seconds of imports) the runs go to spawned processes, each with
     its share of the cores as torch threads: much of a run's analysis (figures, JSON, Grad-CAM's small batches) is
     single-threaded Python, which one process cannot spread over cores."""
-    workers = workers or min(usable_cores(), max(1, len(runs) // RUNS_PER_WORKER))
+    workers = min(len(runs), workers or min(usable_cores(), max(1, len(runs) // RUNS_PER_WORKER)))
     done: dict[int, RunAnalysis] = {}
 
     def finished(i: int, analysis: RunAnalysis) -> None:
         done[i] = analysis
         log(f"run {len(done)}/{len(runs)} {analysis.run.name}: {len(analysis.failures)} failures above {settings.threshold}")
 
-    workers = min(workers, len(runs))
     if workers <= 1:
         for i, run in enumerate(runs):
             finished(i, analyse_run(run, images, out, settings))
