@@ -10,11 +10,15 @@ an image at the first point that fools the model, so it breaks at least every im
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import metrics
+from corruptions import balanced_subset
 
 EPSILONS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 
@@ -90,4 +94,30 @@ def robust_accuracy(model, images: np.ndarray, labels: np.ndarray, mean: np.ndar
         result["accuracy"][name] = [result["clean"], *(1 - cumulative.mean(1)).tolist()]
         first = np.where(cumulative.any(0) & clean, cumulative.argmax(0), -1)
         result["first_flip"][name] = [None if k < 0 else eps_grid[k] for k in first.tolist()]
+    return result
+
+
+def stress_test(model, images: np.ndarray, labels: np.ndarray, index: np.ndarray, n_classes: int, n_images: int,
+                mean: np.ndarray, std: np.ndarray, steps: int = 10, step_size: float = 0.25, batch_size: int = 250,
+                device: str | torch.device = "cpu") -> dict:
+    """``robust_accuracy`` on the class-balanced subset of ``n_images`` test images (the same subset in a trial and in the
+    analysis: same labels, same rule), as logged in ``adversarial.json``: ``requested`` and ``images`` (the subset's
+    size), the settings, ``accuracy`` per attack at [0, *epsilons], ``first_flip_<attack>`` ({test index: the smallest
+    epsilon that flips it}) and ``metrics`` (the accuracies under their metric names)."""
+    pos = balanced_subset(labels, n_classes, n_images)
+    result = robust_accuracy(model, images[pos], labels[pos], mean, std, steps=steps, step_size=step_size, batch_size=batch_size, device=device)
+    for name, first in result.pop("first_flip").items():
+        result[f"first_flip_{name}"] = {int(index[q]): e for q, e in zip(pos, first) if e is not None}
+    result["requested"] = n_images
+    result["metrics"] = {metrics.ADVERSARIAL_ACC.format(name, eps * 255): acc
+                         for name, accs in result["accuracy"].items() for eps, acc in zip(result["epsilons"][1:], accs[1:])}
+    return result
+
+
+def from_json(text: str) -> dict:
+    """An ``adversarial.json`` read back: the first-flip maps keyed by test index again (JSON made them strings)."""
+    result = json.loads(text)
+    for name in ATTACKS:
+        key = f"first_flip_{name}"
+        result[key] = {int(k): v for k, v in result.get(key, {}).items()}
     return result

@@ -131,17 +131,25 @@ class TrialConfig:
     threshold: float = 0.9  # confidence above which an error counts as high-confidence
     robustness: bool = False  # evaluate the corruption stress test at the end of the trial (logged as metrics + artifact)
     robustness_images: int = 1000  # class-balanced test images it uses
+    adversarial: bool = False  # FGSM and PGD accuracy (L-infinity, adversarial.EPSILONS) at the end of the trial (metrics + artifact)
+    adversarial_images: int = 100  # class-balanced test images it attacks
+    adversarial_steps: int = 10  # PGD steps
+    adversarial_step_size: float = 0.25  # PGD step, as a fraction of epsilon
     data: DataConfig = field(default_factory=DataConfig)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "robustness_images", "adversarial_images"):
             if getattr(self, key) < 1:
                 out.append((key, f"must be >= 1, got {getattr(self, key)}"))
         if not 0 <= self.label_smoothing < 1:
             out.append(("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"))
         if self.grad_clip is not None and self.grad_clip <= 0:
             out.append(("grad_clip", f"must be > 0 or null, got {self.grad_clip}"))
+        if self.adversarial_steps < 0:
+            out.append(("adversarial_steps", f"must be >= 0, got {self.adversarial_steps}"))
+        if not 0 < self.adversarial_step_size <= 1:
+            out.append(("adversarial_step_size", f"must be in (0, 1] (a fraction of epsilon), got {self.adversarial_step_size}"))
         if not 0 < self.threshold < 1:
             out.append(("threshold", f"must be in (0, 1), got {self.threshold}"))
         if self.early_stopping.patience and self.early_stopping.metric.startswith("val/") and self.data.val_fraction == 0:

@@ -20,6 +20,8 @@ TEST_CLASS_ACC = "test/class_acc/{}"  # .format(class name)
 CORRUPTION_ACC = "robustness/{}"  # .format(corruption name): accuracy averaged over severities 1-5
 MEAN_CORRUPTION_ACC = "robustness/mean"
 ROBUSTNESS_FILE = "robustness.json"
+ADVERSARIAL_ACC = "adversarial/{}/eps_{:g}_255"  # .format(attack, epsilon * 255): accuracy under the attack up to that epsilon
+ADVERSARIAL_FILE = "adversarial.json"
 
 EPOCH_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC, LR, EPOCH_SECONDS, IMAGES_PER_SECOND)
 FINAL_METRICS = (TEST_LOSS, TEST_ACC, TEST_PRECISION, TEST_RECALL, TEST_F1, TEST_CONFIDENT_ERRORS, TEST_EPOCH)

@@ -221,8 +221,9 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
     results = {metrics.TEST_LOSS: float(torch.nn.functional.cross_entropy(logits, bundle.test.y).item()), **report["metrics"],
                metrics.TEST_EPOCH: test_epoch}
     robust = robustness(model, bundle, cfg, device) if cfg.robustness else None
-    if robust:
-        results.update(robust["metrics"])
+    attacked = adversarial_test(model, bundle, cfg, device) if cfg.adversarial else None
+    for extra in (robust, attacked):
+        results.update(extra["metrics"] if extra else {})
     if run.client is None:
         return results
     run.log_metrics(results, step)
@@ -238,6 +239,8 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
         (out / metrics.CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         if robust:  # per severity too: the analysis reuses it instead of running the same inference again on the CPU
             (out / metrics.ROBUSTNESS_FILE).write_text(json.dumps(robust, indent=1))
+        if attacked:
+            (out / metrics.ADVERSARIAL_FILE).write_text(json.dumps(attacked, indent=1))
         np.savetxt(out / "confusion_matrix.csv", report["confusion"], fmt="%d", delimiter=",", header=",".join(bundle.classes))
         history = {k: [(m.step, m.value) for m in run.client.get_metric_history(run.run_id, k)] for k in metrics.EPOCH_METRICS}
         plot_curves({"run": history}, out / "training_curves.png")
@@ -267,3 +270,14 @@ def robustness(model, bundle, cfg: TrialConfig, device) -> dict:
     values = {metrics.CORRUPTION_ACC.format(name): float(np.mean(acc)) for name, acc in accuracy.items()}
     values[metrics.MEAN_CORRUPTION_ACC] = float(np.mean(list(values.values())))
     return {"requested": cfg.robustness_images, "images": int(len(pos)), "accuracy": accuracy, "metrics": values}
+
+
+def adversarial_test(model, bundle, cfg: TrialConfig, device) -> dict:
+    """FGSM and PGD accuracy per epsilon on a class-balanced test subset, on the trial's own device (the analysis reads
+    ``adversarial.json`` instead of attacking again on its CPU)."""
+    import adversarial
+
+    labels = bundle.test.y.cpu().numpy()
+    return adversarial.stress_test(model.eval(), bundle.test.x.cpu().numpy(), labels, bundle.test.index.cpu().numpy(), len(bundle.classes), cfg.adversarial_images,
+                                   bundle.mean.cpu().numpy(), bundle.std.cpu().numpy(), cfg.adversarial_steps, cfg.adversarial_step_size,
+                                   batch_size=cfg.eval_batch_size, device=device)

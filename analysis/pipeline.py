@@ -161,23 +161,26 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSett
     confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
     result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)
     if settings.adversarial_images > 0:
-        result.adversarial, figure = adversarial_run(model, target, x, mean, std, pred, settings, folder)
+        result.adversarial, figure = adversarial_run(model, target, x, mean, std, pred, settings, folder, run.trial_adversarial)
         if figure:
             result.figures["adversarial"] = figure
     return result
 
 
-def adversarial_run(model, target, x: np.ndarray, mean, std, pred, settings: RunSettings, folder: Path, shown: int = 8) -> tuple[dict, Path | None]:
-    """FGSM and PGD accuracy per epsilon on a class-balanced test subset; Grad-CAM before and after the PGD
-    perturbation for the images that flip at the smallest epsilon."""
+def adversarial_run(model, target, x: np.ndarray, mean, std, pred, settings: RunSettings, folder: Path, logged: dict | None,
+                    shown: int = 8) -> tuple[dict, Path | None]:
+    """FGSM and PGD accuracy per epsilon on a class-balanced test subset (read from the trial when it attacked the same
+    subset with the same PGD settings); Grad-CAM before and after the PGD perturbation for the images that flip at the
+    smallest epsilon."""
     import torch
 
-    pos = corruptions.balanced_subset(pred.labels, len(pred.classes), settings.adversarial_images)
-    result = adversarial.robust_accuracy(model, x[pos], pred.labels[pos], mean, std, steps=settings.pgd_steps, step_size=settings.pgd_step_size)
-    first = result.pop("first_flip")
-    result["first_flip_pgd"] = {int(pred.index[q]): e for q, e in zip(pos, first["pgd"]) if e is not None}
-    result["first_flip_fgsm"] = {int(pred.index[q]): e for q, e in zip(pos, first["fgsm"]) if e is not None}
-    flips = sorted((e, q) for q, e in zip(pos.tolist(), first["pgd"]) if e is not None)[:shown]
+    same = logged is not None and (logged["requested"], logged["steps"], logged["step_size"]) == (settings.adversarial_images, settings.pgd_steps, settings.pgd_step_size)
+    result = dict(logged, measured_in_trial=True) if same else dict(
+        adversarial.stress_test(model, x, pred.labels, pred.index, len(pred.classes), settings.adversarial_images, mean, std,
+                                settings.pgd_steps, settings.pgd_step_size), measured_in_trial=False)
+    position = {int(i): q for q, i in enumerate(pred.index)}
+    first_pgd = [(e, position[i]) for i, e in result["first_flip_pgd"].items()]
+    flips = sorted(first_pgd)[:shown]
     if not flips:
         return result, None
     chosen = np.array([q for _, q in flips])
@@ -432,7 +435,8 @@ def adversarial_summary(analyses: list[RunAnalysis], out: Path) -> dict | None:
         return None
     first = next(iter(results.values()))
     summary = {"images": first["images"], "epsilons": first["epsilons"], "attacks": sorted(adversarial.ATTACKS), "steps": first["steps"],
-               "step_size": first["step_size"], "runs": results}
+               "step_size": first["step_size"],
+               "measured_in_trials": sum(r["measured_in_trial"] for r in results.values()), "runs": results}
     (out / "adversarial.json").write_text(json.dumps(summary, indent=1))
     curves = {name: {attack: list(zip([e * 255 for e in r["epsilons"]], r["accuracy"][attack])) for attack in summary["attacks"]}
               for name, r in results.items()}

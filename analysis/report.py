@@ -190,7 +190,8 @@ def adversarial_section(extra: dict) -> str:
             f"the model's normalisation inside the attacked function. Each figure is the worst case up to that epsilon (an image broken "
             f"at a smaller epsilon counts as broken), so it cannot rise with epsilon, and PGD breaks every image FGSM breaks. Per run, "
             f"the images that flip at the smallest epsilon with Grad-CAM before and after are in its section below; all numbers in "
-            f"adversarial.json.</p>" + table(headers, rows) + img(result.get("figure"), "accuracy against epsilon per run (PGD solid, FGSM dashed)"))
+            f"adversarial.json. {result.get('measured_in_trials', 0)} of {len(result['runs'])} runs were attacked by their trial "
+            f"(<code>adversarial: true</code>, on the trial's device), the others by this analysis.</p>" + table(headers, rows) + img(result.get("figure"), "accuracy against epsilon per run (PGD solid, FGSM dashed)"))
 
 
 def label_issues_section(extra: dict, shown: int = 20) -> str:

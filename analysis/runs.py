@@ -82,6 +82,15 @@ class RunRecord:
         logged = json.loads(download(self.uri, self.run_id, metrics.ROBUSTNESS_FILE, self.folder.parent).read_text())
         return logged if {"accuracy", "images", "requested"} <= set(logged) else None
 
+    @cached_property
+    def trial_adversarial(self) -> dict | None:
+        """The FGSM/PGD test the trial ran on its own device (``adversarial: true``), or None."""
+        import adversarial
+
+        if metrics.ADVERSARIAL_FILE not in self.artifacts:
+            return None
+        return adversarial.from_json(download(self.uri, self.run_id, metrics.ADVERSARIAL_FILE, self.folder.parent).read_text())
+
 
 def download(uri: str, run_id: str, artifact: str, cache: Path) -> Path:
     """Download one artifact of a run into ``cache/<run_id>/`` (once)."""

@@ -13,11 +13,13 @@ from tests.conftest import write_experiments
 def churn_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("churn")
     grid = {"arch": ["plain_cnn", "residual_cnn"], "augment": ["none", "cutout"], "seed": [1, 2, 3]}
-    path = write_experiments(tmp / "e.yaml", {"churn": {"epochs": 1, "robustness": True, "robustness_images": 40, "grid": grid}})
+    path = write_experiments(tmp / "e.yaml", {"churn": {"epochs": 1, "robustness": True, "robustness_images": 40, "adversarial": True,
+                                                               "adversarial_images": 20, "adversarial_steps": 3, "grid": grid}})
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     assert sweep.main(["--config", str(path), "--experiment", "churn", "--tracking-uri", uri, "--storage", str(tmp / "ray")]) == 0
     out = tmp / "report"
-    report = run_analysis("churn", uri, out, threshold=0.5, max_cams=4, log_to_mlflow=False, corruption_images=40, road_images=4)
+    report = run_analysis("churn", uri, out, threshold=0.5, max_cams=4, log_to_mlflow=False, corruption_images=40, road_images=4,
+                          adversarial_images=20, pgd_steps=3)
     return json.loads((out / "compare" / "none_vs_cutout" / "comparison.json").read_text()), html.unescape(report.read_text()), uri, out
 
 
@@ -76,3 +78,29 @@ def test_the_trials_corruption_test_is_reused_and_equals_the_analysis_own(churn_
         logged = client.get_run(run.run_id).data.metrics
         for name, accuracy in computed["accuracy"].items():
             assert logged[f"robustness/{name}"] == pytest.approx(np.mean(accuracy), abs=1e-12), (run.name, name)
+
+
+def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn_report):
+    """Every trial attacked 20 test images (3 PGD steps): the report reads them; attacked again here from the logged
+    weights, one run per architecture gives the same accuracies and first flips, and the metrics logged are those."""
+    import mlflow
+
+    import adversarial
+    from analysis.pipeline import ImageCache
+    from analysis.runs import find_runs, load_model
+
+    *_, uri, out = churn_report
+    report = json.loads((out / "adversarial.json").read_text())
+    assert report["measured_in_trials"] == 12 and report["images"] == 20 and report["steps"] == 3
+    runs = find_runs("churn", uri, out / ".artifacts")
+    client, images = mlflow.MlflowClient(uri), ImageCache()
+    for run in [next(r for r in runs if r.params["arch"] == arch) for arch in ("plain_cnn", "residual_cnn")]:
+        x, mean, std = images.get(run)
+        pred = run.predictions
+        again = adversarial.stress_test(load_model(run), x, pred.labels, pred.index, len(pred.classes), 20, mean, std, steps=3)
+        logged = report["runs"][run.name]
+        assert logged["measured_in_trial"] and logged["accuracy"] == again["accuracy"], run.name
+        assert {int(k): v for k, v in logged["first_flip_pgd"].items()} == again["first_flip_pgd"]
+        metrics = client.get_run(run.run_id).data.metrics
+        assert {k: v for k, v in metrics.items() if k.startswith("adversarial/")} == pytest.approx(again["metrics"])
+        assert set(again["metrics"]) == {f"adversarial/{a}/eps_{e}_255" for a in ("fgsm", "pgd") for e in (1, 2, 4, 8)}
