@@ -269,6 +269,8 @@ def init_ray(address: str | None, resumed: dict | None = None) -> None:
         return
     env_vars = {k: os.environ[k] for k in (tracking.SWEEP_URI_ENV, QUIET_MLFLOW) if k in os.environ}
     if address:
+        if problem := address_problem(address):  # before ray.init: it retries a dead address, or a refused token, for minutes
+            raise InputError(problem)
         excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/", ".slurm/"]  # .slurm/: job tokens
         try:
             ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes, "env_vars": env_vars})
@@ -281,6 +283,25 @@ def init_ray(address: str | None, resumed: dict | None = None) -> None:
     else:  # "local": start our own, whatever /tmp/ray/ray_current_cluster says; no dashboard, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT), **env_vars}})
+
+
+def address_problem(address: str, timeout: float = 5.0) -> str | None:
+    """Why ``--address`` HOST:PORT cannot work, found in seconds: nothing listening there, or a cluster refusing this
+    process's token. None when it may work (and for "auto" or ray:// addresses, left to Ray's own checks). Measured
+    with Ray 2.60: ray.init on an address where nothing listens retried for more than five minutes."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        return (f"cannot reach a Ray cluster at --address {address}: nothing answers there ({err.strerror or err}); start one with "
+                f"`ray start --head` or leave out --address")
+    if refuses_token(address):
+        return refused_token(address, "InvalidAuthToken: the token sent does not match the cluster's")
+    return None
 
 
 def refused_token(address: str, detail: str) -> str:

@@ -150,32 +150,41 @@ def test_unwritable_output_folders_are_refused_with_the_path(tmp_path, capsys):
     FAULT_SUMMARY.append("unwritable output folder   trials affected: 0  refused before start, path named  results lost: 0")
 
 
-def launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, error: Exception, address: str = "10.0.0.1:6379"):
-    """A CLI launch with --address whose ray.init raises ``error``: (exit code, stderr, the launch's parent run)."""
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
+def launch_with_address(tmp_path, capsys, address: str):
+    """A CLI launch with --address: (exit code, stderr, the launch's parent run, seconds it took)."""
     path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
     uri = f"sqlite:///{tmp_path}/m/mlflow.db"
+    started = time.monotonic()
     code = sweep.main(["--config", str(path), "--experiment", "tiny", "--address", address, "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
     _, (parent,) = runs_of(uri, "tiny", kind="sweep")
-    return code, capsys.readouterr().err, parent
+    return code, capsys.readouterr().err, parent, time.monotonic() - started
 
 
-def test_unreachable_ray_cluster_is_refused_and_leaves_no_running_run(tmp_path, capsys, monkeypatch):
-    code, err, parent = launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, ConnectionError("Could not find any running Ray instance"))
-    assert code == 2 and "cannot reach a Ray cluster at --address 10.0.0.1:6379" in err
-    assert parent.info.status == "FAILED"
-    FAULT_SUMMARY.append("unreachable Ray cluster    trials affected: 0  refused with exit 2, parent run FAILED  results lost: 0")
+def test_unreachable_ray_cluster_is_refused_at_once_and_leaves_no_running_run(tmp_path, capsys):
+    """Nothing listens at the address: exit 2 in seconds (ray.init itself retries such an address for minutes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # free again once closed: nothing listens there
+    code, err, parent, seconds = launch_with_address(tmp_path, capsys, address)
+    assert code == 2 and f"cannot reach a Ray cluster at --address {address}: nothing answers there" in err
+    assert seconds < 60 and parent.info.status == "FAILED"
+    FAULT_SUMMARY.append(f"unreachable Ray cluster    trials affected: 0  refused with exit 2 in {seconds:.0f} s, parent run FAILED  results lost: 0")
 
 
 def test_a_cluster_refusing_our_token_is_named_as_authentication_not_as_absent(tmp_path, capsys, monkeypatch):
+    """Something listens, and the GCS answers InvalidAuthToken (here: the probe's RPC, as Ray raises it): the error
+    names authentication and the fix. The real refusal, by a Ray cluster with a token of its own: tests/test_slurm.py."""
+    import socket
+
     from ray.exceptions import AuthenticationError
 
-    code, err, parent = launch_against_a_refusing_cluster(tmp_path, capsys, monkeypatch, AuthenticationError("InvalidAuthToken: the token does not match"))
+    def refuse(*args, **kwargs):
+        raise AuthenticationError("InvalidAuthToken: Authentication token is missing or incorrect")
+
+    monkeypatch.setattr("ray._raylet.GcsClient", refuse)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        code, err, parent, _ = launch_with_address(tmp_path, capsys, f"127.0.0.1:{server.getsockname()[1]}")
     assert code == 2 and "refused this driver's authentication" in err and "RAY_AUTH_MODE=token" in err and "cannot reach" not in err
     assert parent.info.status == "FAILED"
