@@ -265,12 +265,12 @@ def init_ray(address: str | None, resumed: dict | None = None) -> None:
     if resumed:
         os.environ[tracking.SWEEP_URI_ENV] = json.dumps({resumed["sweep_id"]: resumed["tracking_uri"]})
     os.environ.setdefault(QUIET_MLFLOW, "true")
+    if address and (problem := address_problem(address)):  # before ray.init: it retries a dead address, or a refused token, for minutes
+        raise InputError(problem)
     if ray.is_initialized():
         return
     env_vars = {k: os.environ[k] for k in (tracking.SWEEP_URI_ENV, QUIET_MLFLOW) if k in os.environ}
     if address:
-        if problem := address_problem(address):  # before ray.init: it retries a dead address, or a refused token, for minutes
-            raise InputError(problem)
         excludes = ["mlruns/", "ray_results/", ".venv/", "data/", ".git/", "reports/", ".slurm/"]  # .slurm/: job tokens
         try:
             ray.init(address=address, runtime_env={"working_dir": str(tracking.PROJECT_ROOT), "excludes": excludes, "env_vars": env_vars})

@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                                                           "else 1000. Runs whose trial tested the same subset are read, not recomputed")
     p.add_argument("--road-images", type=int, default=32, help="seeded test images per run on which Grad-CAM's ROAD faithfulness is measured, "
                                                                "beside a random map's and a centred blob's (default 32)")
-    p.add_argument("--adversarial-images", type=int, default=100, help="class-balanced test images per run attacked with FGSM and PGD "
-                                                                          "at epsilon 1, 2, 4, 8 /255 (0: skip; default 100)")
-    p.add_argument("--pgd-steps", type=int, default=10, help="PGD iterations after the FGSM start (default 10)")
-    p.add_argument("--pgd-step-size", type=float, default=0.25, help="PGD step as a fraction of epsilon (default 0.25)")
+    p.add_argument("--adversarial-images", type=int, help="class-balanced test images per run attacked with FGSM and PGD at epsilon 1, 2, 4, "
+                                                           "8 /255 (0: skip). Default, with --pgd-steps and --pgd-step-size: the trials' own "
+                                                           "test where every run ran it with the same settings (adversarial: true), read from "
+                                                           "its logs; else 100 images, 10 steps of 0.25 epsilon")
+    p.add_argument("--pgd-steps", type=int, help="PGD iterations after the FGSM start (default: the trials', else 10)")
+    p.add_argument("--pgd-step-size", type=float, help="PGD step as a fraction of epsilon (default: the trials', else 0.25)")
     p.add_argument("--workers", type=int, help="processes analysing runs in parallel (default: one per usable core, at most one per 8 runs)")
     p.add_argument("--sweep", default="latest", help="which launch: latest (default), all, or a sweep id")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")

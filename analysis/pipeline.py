@@ -26,6 +26,7 @@ from schema import InputError
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
 DEFAULT_CORRUPTION_IMAGES = 1000
+DEFAULT_ADVERSARIAL = (100, 10, 0.25)  # images, PGD steps, PGD step (fraction of epsilon): the trials' defaults too
 RUNS_PER_WORKER = 8
 
 
@@ -428,6 +429,14 @@ def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, thresh
     return result
 
 
+def adversarial_settings(runs: list[RunRecord], given: tuple) -> tuple[int, int, float]:
+    """(images, PGD steps, PGD step) for the analysis's attack: each as given, else the trials' where every run's trial
+    attacked with the same settings (so every run is read, none attacked again), else DEFAULT_ADVERSARIAL."""
+    logged = {(a["requested"], a["steps"], a["step_size"]) if (a := r.trial_adversarial) else None for r in runs}
+    trials = logged.pop() if len(logged) == 1 and None not in logged else DEFAULT_ADVERSARIAL
+    return tuple(value if value is not None else default for value, default in zip(given, trials))
+
+
 def adversarial_summary(analyses: list[RunAnalysis], out: Path) -> dict | None:
     """adversarial.json (every run's accuracy per attack and epsilon) and the accuracy-vs-epsilon curves."""
     results = {a.run.name: a.adversarial for a in analyses if a.adversarial}
@@ -517,7 +526,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
                  log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 32, workers: int | None = None,
-                 adversarial_images: int = 100, pgd_steps: int = 10, pgd_step_size: float = 0.25) -> Path:
+                 adversarial_images: int | None = None, pgd_steps: int | None = None, pgd_step_size: float | None = None) -> Path:
     """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);
     return the path of the HTML report."""
     from analysis import report
@@ -531,7 +540,8 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     images = ImageCache()
     extra = {"label_issues": label_issues_step(runs, images, out, threshold)}
     flagged = frozenset(label_issues.flagged_indices(extra["label_issues"]))
-    settings = RunSettings(threshold, layers, max_cams, road_images, flagged, adversarial_images, pgd_steps, pgd_step_size)
+    attack = adversarial_settings(runs, (adversarial_images, pgd_steps, pgd_step_size))
+    settings = RunSettings(threshold, layers, max_cams, road_images, flagged, *attack)
     analyses = analyse_runs(runs, images, out, settings, workers)
     extra["adversarial"] = adversarial_summary(analyses, out)
     figures = sweep_figures(analyses, out)

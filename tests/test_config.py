@@ -53,9 +53,9 @@ MISTAKES = [
     ({}, ["optimizer.momentm=0.9"], "--set optimizer.momentm: unknown key 'momentm'"),
     ({"resources": {"gpu": 2}}, [], "experiments.bad.resources.gpu: 2 GPU per trial but this machine has 0"),
     ({}, ["optimizer.lr=abc"], "--set optimizer.lr: expected float, got str 'abc'"),
-    ({}, ["amp=no"], "--set amp: expected bool, got str 'no'"),
+    ({}, ["amp=no"], "--set amp: expected bool, got str 'no'"),  # YAML 1.2: only true/false are booleans
     ({"adversarial": True, "adversarial_step_size": 2}, [], "experiments.bad.adversarial_step_size: must be in (0, 1] (a fraction of epsilon), got 2"),
-    ({}, ["adversarial_images=0"], "--set adversarial_images: must be >= 1, got 0"),  # YAML 1.2: only true/false are booleans
+    ({}, ["adversarial_images=0"], "--set adversarial_images: must be >= 1, got 0"),
 ]
 
 

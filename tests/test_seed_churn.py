@@ -18,8 +18,7 @@ def churn_report(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     assert sweep.main(["--config", str(path), "--experiment", "churn", "--tracking-uri", uri, "--storage", str(tmp / "ray")]) == 0
     out = tmp / "report"
-    report = run_analysis("churn", uri, out, threshold=0.5, max_cams=4, log_to_mlflow=False, corruption_images=40, road_images=4,
-                          adversarial_images=20, pgd_steps=3)
+    report = run_analysis("churn", uri, out, threshold=0.5, max_cams=4, log_to_mlflow=False, corruption_images=40, road_images=4)
     return json.loads((out / "compare" / "none_vs_cutout" / "comparison.json").read_text()), html.unescape(report.read_text()), uri, out
 
 
@@ -81,8 +80,8 @@ def test_the_trials_corruption_test_is_reused_and_equals_the_analysis_own(churn_
 
 
 def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn_report):
-    """Every trial attacked 20 test images (3 PGD steps): the report reads them; attacked again here from the logged
-    weights, one run per architecture gives the same accuracies and first flips, and the metrics logged are those."""
+    """Every trial attacked 20 test images (3 PGD steps): the analysis takes these settings by default and reads the
+    trials' results; attacked again here from the logged weights, one run per architecture gives the same accuracies and first flips, and the metrics logged are those."""
     import mlflow
 
     import adversarial

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 SETTINGS = ["data.name=synthetic", "data.n_train=256", "data.n_test=128", "epochs=1", "resources.cpu=0.5", "schedule.milestones=[]",
-            "robustness_images=20"]  # the trials' corruption test on 2 images a class (ResNet-18 on 2 cores: ~80 images/s)
+            "robustness_images=20", "adversarial_images=20"]  # the trials' stress tests on 2 images a class (ResNet-18 on 2 cores: ~80 images/s)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,8 @@ def test_the_report_of_36_runs_opens_on_its_conclusions(study_report):
     assert text.count("<details id='run-") == 36
     robustness = json.loads((out / "robustness.json").read_text())
     assert robustness["measured_in_trials"] == 36 and robustness["images"] == 20  # read from the trials, not recomputed
+    attacked = json.loads((out / "adversarial.json").read_text())
+    assert attacked["measured_in_trials"] == 36 and attacked["images"] == 20  # likewise
 
 
 CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
