@@ -57,3 +57,42 @@ def test_runs_on_other_test_images_are_refused():
     b.predictions.index = b.predictions.index[::-1].copy()
     with pytest.raises(ValueError, match="other test images"):
         label_issues.label_issues([a, b], 0.5)
+
+
+@pytest.mark.slow
+def test_planted_flips_in_the_test_labels_of_a_trained_synthetic_run_rank_first():
+    """A plain CNN trained for real on the synthetic data set (test accuracy above 0.9; about a minute of training on 2
+    cores, hence slow); 10 of its 500 test labels flipped to another class afterwards: the 10 are the 10 lowest
+    label-quality scores."""
+    import copy
+
+    import torch
+
+    from config import TrialConfig
+    from data_zoo import load_bundle
+    from engine import Precision, predict
+    from model_zoo import create_model
+    from schema import build
+    from tracking import TrialRun
+    from trainable import fit
+
+    problems = []
+    cfg = build(TrialConfig, {"arch": "plain_cnn", "model": {"widths": [16, 32, 64]}, "epochs": 4, "batch_size": 64, "schedule": {"name": "onecycle"},
+                              "data": {"name": "synthetic", "n_train": 2000, "n_test": 500, "val_fraction": 0.1}}, "", problems)
+    assert not problems, problems
+    states = []
+    fit(cfg, TrialRun(), lambda values, state: states.append(copy.deepcopy(state["model"])))
+    model = create_model("plain_cnn", num_classes=10, widths=[16, 32, 64])
+    model.load_state_dict(states[-1])
+    bundle = load_bundle({"name": "synthetic", "n_train": 2000, "n_test": 500, "val_fraction": 0.1})
+    logits, index = predict(model, bundle, bundle.test, 500, Precision(None, None), "cpu")
+    probs, true = torch.softmax(logits, 1).double().numpy(), bundle.test.y.numpy()
+    assert (probs.argmax(1) == true).mean() > 0.9  # it learned the task: confident where the label is right
+    rng = np.random.default_rng(0)
+    flipped = rng.choice(len(true), 10, replace=False)
+    labels = true.copy()
+    labels[flipped] = (true[flipped] + rng.integers(1, 10, 10)) % 10
+    run = SimpleNamespace(name="trained", predictions=Predictions(probs, labels, index.numpy(), CLASSES))
+    result = label_issues.label_issues([run], threshold=0.5)
+    assert {c["position"] for c in result["candidates"][:10]} == set(flipped.tolist())
+    assert all(c["suggested_label"] == true[c["position"]] for c in result["candidates"][:10])
