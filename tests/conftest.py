@@ -108,26 +108,6 @@ def finished_sweep(tmp_path_factory):
     return {"argv": argv, "uri": uri, "runs": runs, "tmp": tmp}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def slurm_jobs(request, tmp_path_factory):
-    """The Slurm jobs of tests/test_slurm.py, submitted when the session starts where one of its tests is selected (see
-    tests/slurm_jobs.py: they use the cores the rest of the suite leaves idle); None where not. A failure to start them
-    is yielded, for those tests to report, rather than raised into every test of the session."""
-    from slurm_cluster import missing
-
-    if missing() or not any(item.path.name == "test_slurm.py" for item in request.session.items):
-        yield None
-        return
-    from slurm_jobs import background_jobs
-
-    with contextlib.ExitStack() as stack:
-        try:
-            jobs = stack.enter_context(background_jobs(tmp_path_factory.mktemp("submit")))
-        except Exception as err:  # noqa: BLE001 - handed to the Slurm tests
-            jobs = err
-        yield jobs
-
-
 FAULT_SUMMARY: list[str] = []
 
 
