@@ -22,11 +22,12 @@ import metrics
 import plots
 from analysis import calibration, compare, failures as fail, gradcam, label_issues, persistent
 from analysis.runs import RunRecord, find_runs, load_model, test_images
+from config import TrialConfig
 from schema import InputError
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
 DEFAULT_CORRUPTION_IMAGES = 1000
-DEFAULT_ADVERSARIAL = (100, 10, 0.25)  # images, PGD steps, PGD step (fraction of epsilon): the trials' defaults too
+DEFAULT_ADVERSARIAL = (TrialConfig.adversarial_images, TrialConfig.adversarial_steps, TrialConfig.adversarial_step_size)  # the trials' defaults
 RUNS_PER_WORKER = 8
 
 
