@@ -16,6 +16,7 @@ import launches
 import metrics
 import tracking
 from config import ExperimentConfig
+from schema import InputError
 from schema import InputError, load_yaml
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 
@@ -64,6 +65,9 @@ def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) ->
             "sweep_id": best.get(f"tags.{tracking.SWEEP_TAG}"), "run_name": best["tags.mlflow.runName"]}
     outputs = mlflow.MlflowClient(uri).get_run(best.run_id).outputs
     logged = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    if not logged and not mlflow.MlflowClient(uri).list_artifacts(best.run_id, "model"):
+        raise InputError(f"the best run {best.run_id} ({best['tags.mlflow.runName']}) logged no model (its trials ran with log_model: false); "
+                         "sweep with log_model: true (the default) to register its best model")
     # The run's MLflow 3 logged model (the version then links to it); runs logged before it had only a model/ artifact folder.
     version = mlflow.register_model(f"models:/{logged[-1]}" if logged else f"runs:/{best.run_id}/model", args.register_best, tags=tags)
     mlflow.MlflowClient(uri).update_model_version(args.register_best, version.version,

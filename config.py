@@ -129,6 +129,7 @@ class TrialConfig:
     compile: bool = False  # torch.compile the model
     deterministic: bool = True  # cudnn deterministic algorithms
     threshold: float = 0.9  # confidence above which an error counts as high-confidence
+    log_model: bool = True  # log the final model as an MLflow logged model (torch.export pt2; --register-best needs it); the weights are logged either way
     robustness: bool = False  # evaluate the corruption stress test at the end of the trial (logged as metrics + artifact)
     robustness_images: int = 1000  # class-balanced test images it uses
     adversarial: bool = False  # FGSM and PGD accuracy (L-infinity, adversarial.EPSILONS) at the end of the trial (metrics + artifact)

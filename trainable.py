@@ -246,8 +246,9 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
         plot_curves({"run": history}, out / "training_curves.png")
         plot_confusion(report["confusion"], bundle.classes, out / "confusion_matrix.png")
         run.log_artifacts(out)
-    example = bundle.normalise(bundle.test.x[:2]).cpu().numpy()
-    log_pytorch_model(run, copy.deepcopy(model).to(memory_format=torch.contiguous_format), example)
+    if cfg.log_model:  # tracing the model with torch.export and saving it as pt2: 2-3 s a trial on the CPU
+        example = bundle.normalise(bundle.test.x[:2]).cpu().numpy()
+        log_pytorch_model(run, copy.deepcopy(model).to(memory_format=torch.contiguous_format), example)
     return results
 
 

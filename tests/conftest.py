@@ -28,6 +28,7 @@ TINY = {
     "data": {"name": "synthetic", "n_train": 400, "n_test": 120, "val_fraction": 0.2},
     "resources": {"cpu": 1},
     "max_failures": 0,
+    "log_model": False,  # the pt2 export (3 s a trial): on only where a test reads the logged model
 }
 
 
@@ -99,7 +100,7 @@ def finished_sweep(tmp_path_factory):
     import sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = write_experiments(tmp / "experiments.yaml", {"tiny": {"description": "tiny test sweep", "grid": {"arch": ["plain_cnn", "residual_cnn"], "seed": [1, 2]}}})
+    path = write_experiments(tmp / "experiments.yaml", {"tiny": {"description": "tiny test sweep", "log_model": True, "grid": {"arch": ["plain_cnn", "residual_cnn"], "seed": [1, 2]}}})
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
     argv = ["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp / "ray")]
     assert sweep.main(argv) == 0

@@ -135,7 +135,7 @@ def declared_gpu_sweep(tmp_path_factory):
     try:
         cluster.add_node(num_cpus=1, num_gpus=2)
         cluster.wait_for_nodes()
-        path = write_experiments(tmp / "e.yaml", {"stress": {"resources": {"cpu": 0.5, "gpu": GPU_PER_TRIAL}, "grid": GRID},
+        path = write_experiments(tmp / "e.yaml", {"stress": {"resources": {"cpu": 0.5, "gpu": GPU_PER_TRIAL}, "log_model": True, "grid": GRID},
                                                   "too-big": {"resources": {"cpu": 0.25, "gpu": 3}}})
         with mlflow_service("server", f"sqlite:///{tmp / 'server.db'}", artifacts=tmp / "artifacts") as base:
             cli = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -103,3 +103,19 @@ def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn
         metrics = client.get_run(run.run_id).data.metrics
         assert {k: v for k, v in metrics.items() if k.startswith("adversarial/")} == pytest.approx(again["metrics"])
         assert set(again["metrics"]) == {f"adversarial/{a}/eps_{e}_255" for a in ("fgsm", "pgd") for e in (1, 2, 4, 8)}
+
+
+def test_trials_with_log_model_off_log_no_model_and_register_best_names_the_setting(churn_report, capsys):
+    import mlflow
+
+    import metrics
+
+    *_, uri, out = churn_report
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("churn")
+    runs = client.search_runs([experiment.experiment_id], "tags.`stresslab.kind` = 'trial'")
+    assert len(runs) == 12 and client.search_logged_models([experiment.experiment_id]) == []
+    assert all(metrics.WEIGHTS_FILE in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)  # what analysis and reruns use
+    code = sweep.main(["--config", str(out.parent / "e.yaml"), "--experiment", "churn", "--tracking-uri", uri, "--register-best", "churn-best"])
+    err = capsys.readouterr().err
+    assert code == 2 and "logged no model (its trials ran with log_model: false)" in err and "log_model: true" in err, err
