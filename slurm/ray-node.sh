@@ -13,7 +13,7 @@ role=$1 head_ip=$2 port=$3
 py=${STRESSLAB_PYTHON:?set by slurm/sweep.sbatch}
 node=${SLURMD_NODENAME:-$(hostname -s)}
 tmp="${STRESSLAB_TMP:-${TMPDIR:-/tmp}}/ray-${SLURM_JOB_ID:-0}-$node"
-free_port() { "$py" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+free_port() { "$py" "$(dirname "$0")/free_port.py"; }
 
 gpus=0  # the GPUs Slurm gave this job on this node, never every GPU the node has
 if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then

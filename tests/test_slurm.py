@@ -77,12 +77,14 @@ def jobs(tmp_path_factory, slurm):
     base = tmp_path_factory.mktemp("submit")
     (base / "home" / ".ray").mkdir(parents=True)
     (base / "home" / ".ray" / "auth_token").write_text("0" * 64)  # what an earlier local sweep leaves: not the jobs' token
-    env = {**slurm, "HOME": str(base / "home"), "STRESSLAB_PYTHON": sys.executable, "STRESSLAB_JOIN_TIMEOUT": "180"}
+    env = {**slurm, "HOME": str(base / "home"), "STRESSLAB_PYTHON": sys.executable, "STRESSLAB_JOIN_TIMEOUT": "180",
+           "STRESSLAB_SYSTEM_METRICS_INTERVAL": "10"}  # the default (the test session's 1 s would load the servers and both CPUs)
     env.pop("RAY_ADDRESS", None)
     submitted = {
         "by_hand": (Job(checkout_copy(base / "by-hand"), env), ["--nodes=2", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={BY_HAND_EPOCHS}"]),
         "time_limit": (Job(checkout_copy(base / "time-limit"), env, time_limit_after_requeue="UNLIMITED"),
-                       ["--nodes=2", "--time=3", "--signal=B:USR1@90", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={TIME_LIMIT_EPOCHS}"]),
+                       ["--nodes=2", "--time=3", "--signal=B:USR1@90", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={TIME_LIMIT_EPOCHS}",
+                        "--set", "adversarial=false", "--set", "log_model=false"]),  # (what this job tests is the time limit)
     }
     for job, args in submitted.values():
         out = subprocess.run(["sbatch", "--parsable", *args], cwd=job.copy, env=env, capture_output=True, text=True, check=True).stdout
@@ -96,9 +98,29 @@ def jobs(tmp_path_factory, slurm):
 
     hurrier = threading.Thread(target=hurry_requeued, daemon=True)
     hurrier.start()
-    yield {name: job for name, (job, _) in submitted.items()}
+    jobs = {name: job for name, (job, _) in submitted.items()}
+    # Acceptance 4's wrong token, against the time-limit job's second cluster while it runs (the job may finish while
+    # the test of the other job still runs, so a thread waits for that start rather than the test).
+    refused: dict = {}
+    prober = threading.Thread(target=wrong_token_driver, args=(jobs["time_limit"], stop, refused), daemon=True)
+    prober.start()
+    yield jobs | {"refused": refused, "prober": prober}
     stop.set()
     hurrier.join()
+    prober.join()
+
+
+def wrong_token_driver(job: Job, stop: threading.Event, result: dict) -> None:
+    """Once the job's second start runs its sweep: a driver with a wrong token; its CompletedProcess into ``result``."""
+    while not stop.wait(0.5):
+        if job.log().count("resuming ") == 1:
+            head = re.findall(r"Ray head \S+ at (\S+:\d+)", job.log())[-1]
+            try:
+                result["driver"] = subprocess.run([sys.executable, "sweep.py", *QUICK, "--address", head], cwd=job.copy, capture_output=True,
+                                                  text=True, timeout=90, env={**job.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64})
+            except subprocess.TimeoutExpired as err:
+                result["driver"] = err
+            return
 
 
 def hurry(job: Job) -> None:
@@ -187,11 +209,9 @@ def test_a_job_warned_before_its_time_limit_requeues_itself_and_finishes(jobs):
     While it runs, a driver with a wrong token is refused with an error naming authentication."""
     job = jobs["time_limit"]
     wait_for("the warning signal to requeue the job", lambda: "requeueing job" in job.log(), timeout=400)
-    wait_for("the second start's sweep", lambda: job.log().count("resuming ") == 1, timeout=300)
-    head = re.findall(r"Ray head \S+ at (\S+:\d+)", job.log())[-1]
-    wrong = subprocess.run([sys.executable, "sweep.py", *QUICK, "--address", head], cwd=job.copy, capture_output=True, text=True, timeout=90,
-                           env={**job.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "f" * 64})
-    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    wait_for("the second start's sweep and the wrong-token driver", lambda: "driver" in jobs["refused"], timeout=400)
+    wrong = jobs["refused"]["driver"]
+    assert isinstance(wrong, subprocess.CompletedProcess) and wrong.returncode == 2, wrong
     assert "refused this driver's authentication" in wrong.stderr and "RAY_AUTH_MODE=token" in wrong.stderr, wrong.stderr
 
     info = wait_until_done(job, timeout=400)
