@@ -16,7 +16,6 @@ import launches
 import metrics
 import tracking
 from config import ExperimentConfig
-from schema import InputError
 from schema import InputError, load_yaml
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 

@@ -7,7 +7,7 @@ from tests.conftest import ROOT
 
 
 def test_benchmark_prints_every_figure():
-    out = subprocess.run([sys.executable, "-m", "bench", "--images", "64", "--rounds", "1", "--overhead-trials", "2", "--overhead-epochs", "1",
+    out = subprocess.run([sys.executable, "-m", "bench", "--images", "32", "--workers", "0", "--rounds", "1", "--overhead-trials", "2", "--overhead-epochs", "1",
                           "--overhead-images", "128", "--gradcam-images", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout

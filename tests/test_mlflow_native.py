@@ -3,9 +3,9 @@ import getpass
 import os
 import shutil
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
+from pathlib import Path
 import json
 
 import mlflow
@@ -101,8 +101,10 @@ def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_
                                    capture_output=True, text=True, timeout=120).stdout
         compare = f"{base}/#/compare-runs?runs={urllib.parse.quote(json.dumps(trial_ids))}&experiments={urllib.parse.quote(json.dumps([exp_id]))}"
         dom = subprocess.run(["chromium", *flags, "--dump-dom", compare], capture_output=True, text=True, timeout=120).stdout
-        shot = tmp_path / "runs_table.png"
-        subprocess.run(["chromium", *flags, "--window-size=1400,1000", f"--screenshot={shot}", compare], capture_output=True, timeout=120)
+        shot = Path(os.environ.get("STRESSLAB_SCREENSHOT_DIR", tmp_path)) / "runs_table.png"
+        if os.environ.get("STRESSLAB_SCREENSHOT_DIR"):  # the README's picture, refreshed on request (the DOM above is what is checked)
+            subprocess.run(["chromium", *flags, "--window-size=1400,1000", f"--screenshot={shot}", compare], capture_output=True, timeout=120)
+            assert shot.stat().st_size > 10_000
         body = json.dumps({"experiment_ids": [exp_id], "filter": f"tags.`{tracking.KIND_TAG}` = 'trial'"}).encode()
         request = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
         api_runs = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
@@ -115,11 +117,8 @@ def test_mlflow_ui_lists_every_trial_with_its_test_accuracy(finished_sweep, tmp_
     for name in names:
         assert name in dom, f"{name} not rendered"
     assert metrics.TEST_ACC in dom  # the rendered metrics table has a test/acc row for the runs
-    assert shot.exists() and shot.stat().st_size > 10_000
     accuracy = {r["info"]["run_name"]: {m["key"]: m["value"] for m in r["data"]["metrics"]}.get(metrics.TEST_ACC) for r in api_runs}
     assert set(accuracy) == names and all(isinstance(v, float) for v in accuracy.values())
-    if os.environ.get("STRESSLAB_SCREENSHOT_DIR"):
-        shutil.copy(shot, os.environ["STRESSLAB_SCREENSHOT_DIR"])
 
 
 RACE_DATA = {"name": "synthetic", "root": "data", "subset": None, "split_seed": 0, "val_fraction": 0.2}

@@ -16,7 +16,7 @@ import pytest
 import metrics
 import sweep
 import tracking
-from tests.conftest import ROOT, TINY, write_experiments
+from tests.conftest import ROOT, write_experiments
 
 SMALL = ["--set", "data.name=synthetic", "--set", "data.n_train=600", "--set", "data.n_test=100", "--set", "model.widths=[8, 16, 16]"]
 
