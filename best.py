@@ -62,16 +62,17 @@ def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) ->
     tags = {"run_id": best.run_id, "selected_by": metric, "selection_mode": mode, "metric": metric, "metric_value": repr(value),
             "test_set_selection": str(metric.startswith("test/")).lower(), "experiment": name,
             "sweep_id": best.get(f"tags.{tracking.SWEEP_TAG}"), "run_name": best["tags.mlflow.runName"]}
-    outputs = mlflow.MlflowClient(uri).get_run(best.run_id).outputs
+    client = mlflow.MlflowClient(uri)
+    outputs = client.get_run(best.run_id).outputs
     logged = [o.model_id for o in (outputs.model_outputs if outputs else [])]
-    if not logged and not mlflow.MlflowClient(uri).list_artifacts(best.run_id, "model"):
+    if not logged and not client.list_artifacts(best.run_id, "model"):
         raise InputError(f"the best run {best.run_id} ({best['tags.mlflow.runName']}) logged no model (its trials ran with log_model: false); "
                          "sweep with log_model: true (the default) to register its best model")
     # The run's MLflow 3 logged model (the version then links to it); runs logged before it had only a model/ artifact folder.
     version = mlflow.register_model(f"models:/{logged[-1]}" if logged else f"runs:/{best.run_id}/model", args.register_best, tags=tags)
-    mlflow.MlflowClient(uri).update_model_version(args.register_best, version.version,
+    client.update_model_version(args.register_best, version.version,
                                                   description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
-    mlflow.MlflowClient(uri).set_registered_model_alias(args.register_best, args.alias, version.version)
+    client.set_registered_model_alias(args.register_best, args.alias, version.version)
     print(f"registered {args.register_best} version {version.version} as @{args.alias}: run {best.run_id} ({best['tags.mlflow.runName']}), "
           f"selected by {metric} = {value:.4f}; load it with mlflow.pytorch.load_model('models:/{args.register_best}@{args.alias}')")
     return 0
