@@ -65,6 +65,7 @@ def ray_output_to(log: Path, enabled: bool = True):
         yield
         return
     log.parent.mkdir(parents=True, exist_ok=True)
+    worker_logs_to(log)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -85,6 +86,25 @@ def ray_output_to(log: Path, enabled: bool = True):
             CONSOLE.remove(terminal)
             terminal.write("\n" if terminal.isatty() else "")
             terminal.close()
+
+
+def worker_logs_to(log: Path) -> None:
+    """The trials' output that Ray forwards to this driver goes to ``log``, every line (no "[repeated Nx]"
+    folding), for as long as Ray runs: its last lines arrive after the sweep has returned, when stdout is the terminal
+    again, and Ray printed its folded lines there at shutdown. No public API routes them: this swaps the handler
+    ray.init(log_to_driver=True) installs."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):  # (log_to_driver=False, or no Ray yet)
+        return
+
+    def to_log(data: dict) -> None:
+        with open(log, "a") as sink:
+            ray_worker.print_worker_logs(data, sink)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", to_log)
 
 
 # --- the data, checked once by the driver -------------------------------------------------------

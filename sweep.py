@@ -104,8 +104,9 @@ def refuse(args: argparse.Namespace, err: ConfigError) -> int:
 
 
 def check_writable(args: argparse.Namespace) -> None:
-    """Ray's results folder and a local MLflow store must be writable before anything starts."""
-    folders = [Path(args.storage)]
+    """Ray's results folder (unless only a model is registered) and a local MLflow store must be writable before
+    anything starts."""
+    folders = [] if args.register_best else [Path(args.storage)]
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     if uri.startswith("sqlite:///"):
         folders.append(Path(uri[len("sqlite:///"):]).parent)
@@ -117,7 +118,7 @@ def check_writable(args: argparse.Namespace) -> None:
             probe.unlink()
         except OSError as err:
             raise PermissionError(f"cannot write to {folder} ({err.strerror}); choose a writable folder with "
-                                  f"{'--storage' if folder == folders[0] else '--tracking-uri'}") from err
+                                  f"{'--storage' if folder == Path(args.storage) else '--tracking-uri'}") from err
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -79,6 +79,23 @@ def write_cifar(root: Path, monkeypatch, hundred: bool, n_train: int = 60, n_tes
     return train[0].reshape(-1, 3, 32, 32), test[0].reshape(-1, 3, 32, 32)
 
 
+OUTPUT_FOLDERS = ("ray_results", "mlruns", "reports", ".slurm", "data")  # the product's default outputs in the checkout
+
+
+def _outputs() -> set[Path]:
+    return {path for name in OUTPUT_FOLDERS for path in [ROOT / name, *(ROOT / name).glob("*")] if path.exists()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_alone():
+    """Every test writes under its own temp dirs: the suite adds nothing to the checkout's default output folders (a
+    user's sweeps live there)."""
+    before = _outputs()
+    yield
+    added = sorted(str(path.relative_to(ROOT)) for path in _outputs() - before)
+    assert not added, f"the suite wrote into the checkout: {added}"
+
+
 @pytest.fixture(scope="session")
 def shared_jpeg(tmp_path_factory) -> Path:
     """The shared real CIFAR-10 JPEG set, unpacked once per session (skipped where absent). GNU tar, as the README's

@@ -4,6 +4,10 @@ Two jobs run side by side (the test nodes have 2 CPUs, each job takes one per no
 checkout (its own mlruns/ and ray_results/), with a ``~/.ray/auth_token`` of some earlier local sweep in $HOME, as every
 user has one. Requeued jobs are made eligible at once (``scontrol update
 StartTime=now``): Slurm holds a requeued batch job back by two minutes, which only costs the test time.
+
+The time-limit job's limit is cut short once its sweep has checkpointed an epoch (``scontrol update TimeLimit=``, to
+between 2 and 3 minutes from then): a limit fixed at submission lands its warning at a point of the sweep that depends
+on this machine's speed (seen: no epoch trained yet, and every epoch trained, so no requeue at all).
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ QUICK = ["--experiment", "quick", "--set", "data.name=synthetic", "--set", "arch
          "--set", "resources.cpu=1"]
 CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
 BY_HAND_EPOCHS = 2  # acceptance 1's command; requeued once a trial has checkpointed its first, so at least one epoch is resumed
-TIME_LIMIT_EPOCHS = 16  # more than the first start can train before its warning, at most ~90 s in: seen from 0 epochs done by
-                        # then to 6 finished (a fresh-clone CI run) and 9 of 10 (the sweep 24 s after the job started, ~6 s an epoch)
+TIME_LIMIT_EPOCHS = 10  # more than the first start trains between its first checkpoint and the warning (<= 30 s later, when
+                        # slurmctld next checks its time limits; ~6 s an epoch here with both jobs running)
+SIGNAL_LEAD = 180  # the warning's lead (s): the limit is cut to 2-3 minutes ahead, so the warning comes at once with >= 90 s left
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,7 @@ def jobs(tmp_path_factory, slurm):
     submitted = {
         "by_hand": (Job(checkout_copy(base / "by-hand"), env), ["--nodes=2", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={BY_HAND_EPOCHS}"]),
         "time_limit": (Job(checkout_copy(base / "time-limit"), env, time_limit_after_requeue="UNLIMITED"),
-                       ["--nodes=2", "--time=3", "--signal=B:USR1@90", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={TIME_LIMIT_EPOCHS}",
+                       ["--nodes=2", "--time=15", f"--signal=B:USR1@{SIGNAL_LEAD}", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={TIME_LIMIT_EPOCHS}",
                         "--set", "adversarial=false", "--set", "log_model=false"]),  # (what this job tests is the time limit)
     }
     for job, args in submitted.values():
@@ -104,10 +109,38 @@ def jobs(tmp_path_factory, slurm):
     refused: dict = {}
     prober = threading.Thread(target=wrong_token_driver, args=(jobs["time_limit"], stop, refused), daemon=True)
     prober.start()
-    yield jobs | {"refused": refused, "prober": prober}
+    cut: dict = {}
+    cutter = threading.Thread(target=cut_limit_after_first_checkpoint, args=(jobs["time_limit"], stop, cut), daemon=True)
+    cutter.start()
+    yield jobs | {"refused": refused, "cut": cut}
     stop.set()
-    hurrier.join()
-    prober.join()
+    for thread in (hurrier, prober, cutter):
+        thread.join()
+
+
+def checkpoints(job: Job) -> list[Path]:
+    return list((job.copy / "ray_results" / f"slurm-{job.id}").glob("*/*/checkpoint_*"))  # one per epoch and trial
+
+
+def cut_limit_after_first_checkpoint(job: Job, stop: threading.Event, result: dict) -> None:
+    """Once the job's first start has checkpointed an epoch: its time limit cut to the first whole minute at least
+    SIGNAL_LEAD - 60 s ahead (at most SIGNAL_LEAD), so the warning is due at once and comes with time to stop."""
+    while not stop.wait(0.5):
+        if checkpoints(job):
+            elapsed = seconds(job.info()["RunTime"])
+            minutes = (elapsed + SIGNAL_LEAD) // 60
+            subprocess.run(["scontrol", "update", f"JobId={job.id}", f"TimeLimit={minutes}"], env=job.env, check=True)
+            result.update(elapsed=elapsed, minutes=minutes, checkpoints=len(checkpoints(job)))
+            return
+
+
+def seconds(duration: str) -> int:
+    """Slurm's [D-]HH:MM:SS (or MM:SS) in seconds."""
+    days, _, clock = duration.rpartition("-")
+    total = 0
+    for part in clock.split(":"):
+        total = total * 60 + int(part)
+    return total + int(days or 0) * 86400
 
 
 def wrong_token_driver(job: Job, stop: threading.Event, result: dict) -> None:
@@ -189,8 +222,7 @@ def test_a_job_requeued_by_hand_mid_sweep_resumes_and_finishes_on_both_nodes_lea
     runs again, resumes, ends COMPLETED with exit 0, every trial FINISHED once with no epoch logged twice, trials on
     both Ray nodes, nothing left behind."""
     job = jobs["by_hand"]
-    checkpoints = lambda: list((job.copy / "ray_results" / f"slurm-{job.id}").glob("*/*/checkpoint_*"))  # one per epoch and trial
-    wait_for("a trial's first epoch", checkpoints, timeout=300, interval=0.5)
+    wait_for("a trial's first epoch", lambda: checkpoints(job), timeout=300, interval=0.5)
     subprocess.run(["scontrol", "requeue", job.id], env=job.env, check=True)
     info = wait_until_done(job, timeout=400)
     log = job.log()
@@ -204,11 +236,14 @@ def test_a_job_requeued_by_hand_mid_sweep_resumes_and_finishes_on_both_nodes_lea
 
 
 def test_a_job_warned_before_its_time_limit_requeues_itself_and_finishes(jobs):
-    """Acceptance 3 and 4's wrong token: a 3-minute limit with the warning 90 s before it (Slurm sends it up to 30 s
-    earlier still): the job stops the sweep and requeues itself; its next start (the limit lifted) resumes and finishes.
-    While it runs, a driver with a wrong token is refused with an error naming authentication."""
+    """Acceptance 3 and 4's wrong token: a limit 2-3 minutes ahead with the warning SIGNAL_LEAD s before it (the limit
+    cut once the sweep has trained an epoch, see the module's docstring): the job stops the sweep before the limit and
+    requeues itself; its next start (the limit lifted) resumes and finishes. While it runs, a driver with a wrong token
+    is refused with an error naming authentication."""
     job = jobs["time_limit"]
     wait_for("the warning signal to requeue the job", lambda: "requeueing job" in job.log(), timeout=400)
+    cut = jobs["cut"]
+    assert cut["minutes"] * 60 - cut["elapsed"] > SIGNAL_LEAD - 60, cut
     wait_for("the second start's sweep and the wrong-token driver", lambda: "driver" in jobs["refused"], timeout=400)
     wrong = jobs["refused"]["driver"]
     assert isinstance(wrong, subprocess.CompletedProcess) and wrong.returncode == 2, wrong
@@ -217,6 +252,6 @@ def test_a_job_warned_before_its_time_limit_requeues_itself_and_finishes(jobs):
     info = wait_until_done(job, timeout=400)
     log = job.log()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
-    assert "SIGUSR1: stopping the sweep" in log, log
+    assert "SIGUSR1: stopping the sweep" in log and "DUE TO TIME LIMIT" not in log, log
     sweep_trials(job, TIME_LIMIT_EPOCHS)
     assert_nothing_left(job)

@@ -1,4 +1,6 @@
 """A real sweep on local Ray with synthetic data: MLflow runs, metric names, rerun of the best."""
+import os
+
 import mlflow
 import numpy as np
 import pytest
@@ -97,3 +99,26 @@ def test_dry_run_prints_exactly_the_seeded_points_ray_runs(tmp_path, capsys):
     table = capsys.readouterr().out
     for point in points:
         assert f"{point['optimizer.lr']:>9.4g}" in table
+
+
+def test_worker_output_arriving_after_the_sweep_goes_to_its_log_not_the_terminal(finished_sweep, tmp_path, capfd):
+    """Ray forwards trial output (and its "[repeated Nx]" batches) seconds after tune.fit returns: such a line, once the
+    sweep's redirect has ended, lands in the launch log like the rest of Ray's output."""
+    import ray
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    import launches
+
+    assert ray.is_initialized()  # the in-process sweep's Ray, with log_to_driver on
+    log = tmp_path / "launch.log"
+    with launches.ray_output_to(log):
+        os.write(1, b"during the sweep\n")  # (at the file-descriptor level, as Ray's own output)
+    late = {"pid": 4242, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": False, "job": "", "task_name": "train",
+            "actor_name": "", "lines": ["a line after the sweep (checkpoint_000007)"]}
+    global_worker_stdstream_dispatcher.emit(late)
+    global_worker_stdstream_dispatcher.emit({**late, "is_err": True, "lines": ["an error line after the sweep"]})
+    shown = capfd.readouterr()
+    assert "after the sweep" not in shown.out + shown.err
+    text = log.read_text()
+    assert "during the sweep" in text and "(train pid=4242" in text
+    assert "checkpoint_000007" in text and "an error line after the sweep" in text
