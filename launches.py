@@ -100,8 +100,11 @@ def worker_logs_to(log: Path) -> None:
         return
 
     def to_log(data: dict) -> None:
-        with open(log, "a") as sink:
-            ray_worker.print_worker_logs(data, sink)
+        try:
+            with open(log, "a") as sink:
+                ray_worker.print_worker_logs(data, sink)
+        except OSError:  # the launch's folder is gone (a sweep into a temporary folder, then deleted): nothing to keep
+            pass
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", to_log)

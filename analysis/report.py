@@ -18,6 +18,7 @@ import numpy as np
 
 import metrics
 import tracking
+from analysis.label_issues import weak_ensemble_warning
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,6 +27,7 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em aut
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.4em 0}
 h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}.note{color:#555;font-size:.9em}
+.warn{background:#fff4e5;border-left:4px solid #e69500;padding:.4em .8em}
 details{margin:.3em 0;border:1px solid #ddd;border-radius:4px;padding:.2em .6em}summary{cursor:pointer;font-weight:600}
 .conclusions details{border:none;padding:0;font-size:.92em}.conclusions summary{font-weight:normal;color:#555}
 nav{font-size:.9em}nav a{margin-right:1em}.conclusions li{margin:.3em 0}"""
@@ -204,6 +206,7 @@ def label_issues_section(extra: dict, shown: int = 20) -> str:
             f"confident learning (Northcutt et al. 2021): {esc(result['method'])}. The runs never trained on the test set, so their "
             f"probabilities are out-of-sample. A confident failure on such an image says more about the label than about the model: "
             f"failure counts are given both ways (all, and excluding these). All candidates: label_issues.json.</p>"
+            + (f"<p class='warn'>{esc(warning)}</p>" if (warning := weak_ensemble_warning(result)) else "")
             + f"<p class='note'>The {len(rows)} lowest label-quality scores:</p>"
             + (table(["test index", "given label", "suggested", "quality", "mean p(given)", "runs failing confidently", "flagged"], rows) if rows else "")
             + img(result.get("figure"), "flagged as likely label errors: #index given and suggested label (quality score)"))
@@ -250,7 +253,9 @@ def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
             li = extra["label_issues"]
             total, kept = sum(len(a.failures) for a in analyses), sum(len(a.failures_excluding_label_errors) for a in analyses)
             out.append(f"Likely label errors (cleanlab on the mean probabilities of {li['runs']} runs): {li['count']} of {li['test_images']} test images; "
-                       f"of the {total} confident failures over all runs, {kept} remain after excluding them.")
+                       f"of the {total} confident failures over all runs, {kept} remain after excluding them."
+                       + (f" Not to be trusted: the runs' mean prediction is right on only {li['ensemble_accuracy']:.1%} of the test images, "
+                          f"and weak models make confident learning flag widely." if li.get("weak_ensemble") else ""))
         if extra.get("persistent"):
             g = extra["persistent"]["groups"]
             flagged = len(extra["persistent"].get("likely_label_errors", {}).get("persistent", []))

@@ -147,21 +147,6 @@ def bench_training(device: torch.device, sizes: dict[str, int], rounds: int, wor
 # --- 2. Ray Tune + MLflow overhead --------------------------------------------------------------
 
 
-def plain_trial(args: tuple[dict, int]) -> float:
-    """One trial through ``trainable.fit`` with no Ray and no MLflow (a process-pool worker); its wall time."""
-    from config import TrialConfig
-    from schema import build
-    from tracking import TrialRun
-    from trainable import fit
-
-    start = time.perf_counter()
-    trial, threads = args
-    problems: list = []
-    cfg = build(TrialConfig, trial, "", problems)
-    fit(cfg, TrialRun(), lambda values, state: None, threads=threads)
-    return time.perf_counter() - start
-
-
 def sweep_timeline(uri: str, started: float) -> tuple[float, float]:
     """From the sweep's MLflow runs: seconds until the first trial run started, mean trial run seconds."""
     import tracking
@@ -172,24 +157,45 @@ def sweep_timeline(uri: str, started: float) -> tuple[float, float]:
     return first, float(np.mean([(r.info.end_time - r.info.start_time) / 1000 for r in runs]))
 
 
-def plain_pool(trial: dict, seeds: list[int], workers: int) -> tuple[float, list[float]]:
-    """Wall time of ``seeds`` trials in a process pool of ``workers``, and each trial's own seconds."""
+def plain_pool(pool: ProcessPoolExecutor, trial: dict, seeds: list[int]) -> tuple[float, list[float]]:
+    """Wall time of ``seeds`` trials in ``pool``, and each trial's own seconds."""
+    from bench.plain import plain_trial  # (a module spawned workers can import: they do not import a __main__)
+
     start = time.perf_counter()
-    with ProcessPoolExecutor(workers) as pool:
-        seconds = list(pool.map(plain_trial, [({**trial, "seed": s}, 1) for s in seeds]))
+    seconds = list(pool.map(plain_trial, [({**trial, "seed": s}, 1) for s in seeds]))
     return time.perf_counter() - start, seconds
 
 
 def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
     """Plain pool on half the trials, the Ray Tune + MLflow sweep on all, the pool on the other half:
-    the machine's drift over the measurement falls on both sides (the halves add up to the same trials)."""
+    the machine's drift over the measurement falls on both sides (the halves add up to the same trials).
+
+    The pool is one of fresh (spawned) processes, as the seeds' scripts are, so it pays Python's and torch's start once,
+    as the sweep's trial processes do; it idles while the sweep runs."""
+    import multiprocessing
+
     import sweep
 
     cpus = os.cpu_count() or 1
     trial = dataclasses.asdict(trial_config("plain_cnn", n_train, epochs, model={"widths": [16, 32, 64]}))
     print(f"\n2. Ray Tune + MLflow overhead: {trials} trials of plain_cnn, {epochs} epochs on {n_train} images, {cpus} at a time, 1 CPU each")
     first_half, second_half = list(range(trials // 2)), list(range(trials // 2, trials))
-    before, seconds = plain_pool(trial, first_half, cpus)
+    with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn")) as pool:
+        before, seconds = plain_pool(pool, trial, first_half)
+        swept, first, per_trial = sweep_seconds(sweep, trial, trials)
+        after, more = plain_pool(pool, trial, second_half)
+    plain, seconds = before + after, seconds + more
+    print(f"   plain process pool: {plain:.1f} s ({before:.1f} s before the sweep, its processes' start included, + {after:.1f} s after; "
+          f"a trial {np.mean(seconds):.1f} s on average, from {min(seconds):.1f} to {max(seconds):.1f} s)")
+    print(f"   Ray Tune + MLflow sweep: {swept:.1f} s (first trial started after {first:.1f} s; a trial's MLflow run {per_trial:.1f} s on average)")
+    overhead = (swept - plain) / swept
+    print(f"   overhead: {overhead:.1%} of the sweep's wall time")
+    return overhead
+
+
+def sweep_seconds(sweep, trial: dict, trials: int) -> tuple[float, float, float]:
+    """The benchmark sweep through ``sweep.main`` (a fresh local Ray): its wall time, when its first trial run started,
+    and a trial run's mean seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         experiment = {"defaults": trial, "experiments": {"bench": {"resources": {"cpu": 1}, "max_failures": 0, "grid": {"seed": list(range(trials))}}}}
         (Path(tmp) / "e.yaml").write_text(yaml.safe_dump(experiment))
@@ -198,15 +204,7 @@ def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
         code = sweep.main(["--config", f"{tmp}/e.yaml", "--experiment", "bench", "--tracking-uri", uri, "--storage", f"{tmp}/ray"])
         swept = time.perf_counter() - start
         assert code == 0, "the benchmark sweep failed"
-        first, per_trial = sweep_timeline(uri, wall_start)
-    after, more = plain_pool(trial, second_half, cpus)
-    plain, seconds = before + after, seconds + more
-    print(f"   plain process pool: {plain:.1f} s ({before:.1f} s before the sweep + {after:.1f} s after; "
-          f"a trial {np.mean(seconds):.1f} s on average, from {min(seconds):.1f} to {max(seconds):.1f} s)")
-    print(f"   Ray Tune + MLflow sweep: {swept:.1f} s (first trial started after {first:.1f} s; a trial's MLflow run {per_trial:.1f} s on average)")
-    overhead = (swept - plain) / swept
-    print(f"   overhead: {overhead:.1%} of the sweep's wall time")
-    return overhead
+        return (swept, *sweep_timeline(uri, wall_start))
 
 
 # --- 3. Grad-CAM, 4. MFU -------------------------------------------------------------------------

@@ -96,3 +96,30 @@ def test_planted_flips_in_the_test_labels_of_a_trained_synthetic_run_rank_first(
     result = label_issues.label_issues([run], threshold=0.5)
     assert {c["position"] for c in result["candidates"][:10]} == set(flipped.tolist())
     assert all(c["suggested_label"] == true[c["position"]] for c in result["candidates"][:10])
+
+
+def test_a_weak_ensemble_is_flagged_as_such_and_the_report_says_its_count_is_not_to_be_trusted():
+    """No label is wrong here, but the runs are weak (a true-class margin of 2 beside per-image confusion that every run
+    shares: the mean prediction about 66% right): confident learning flags hundreds of correctly labelled images, and the
+    result and the report say the count cannot be read as label errors. The accuracy is counted here by hand."""
+    from analysis.report import label_issues_section
+
+    rng = np.random.default_rng(4)
+    true = rng.integers(0, 10, 2000)
+    shared = rng.normal(0, 1.0, (2000, 10))
+    runs = []
+    for r in range(5):
+        logits = 2.0 * np.eye(10)[true] + shared + rng.normal(0, 0.5, (2000, 10))
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        runs.append(SimpleNamespace(name=f"run{r}", predictions=Predictions(probs, true, np.arange(2000), CLASSES)))
+    result = label_issues.label_issues(runs, threshold=0.5)
+    mean = np.mean([r.predictions.probs for r in runs], axis=0)
+    assert result["ensemble_accuracy"] == pytest.approx((mean.argmax(1) == true).mean(), abs=1e-6)
+    assert 0.5 < result["ensemble_accuracy"] < 0.8 and result["weak_ensemble"]
+    assert result["count"] > 100  # every one of them a false flag
+    section = label_issues_section({"label_issues": result})
+    assert "class='warn'" in section and f"{result['ensemble_accuracy']:.1%}" in section and "Do not read this count" in section
+
+    strong = label_issues.label_issues(ensemble(true, true, seed=4), threshold=0.5)
+    assert strong["ensemble_accuracy"] > 0.9 and not strong["weak_ensemble"]
+    assert "class='warn'" not in label_issues_section({"label_issues": strong})
