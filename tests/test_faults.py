@@ -188,3 +188,32 @@ def test_a_cluster_refusing_our_token_is_named_as_authentication_not_as_absent(t
         code, err, parent, _ = launch_with_address(tmp_path, capsys, f"127.0.0.1:{server.getsockname()[1]}")
     assert code == 2 and "refused this driver's authentication" in err and "RAY_AUTH_MODE=token" in err and "cannot reach" not in err
     assert parent.info.status == "FAILED"
+
+
+def test_a_tracking_server_refusing_the_sweep_is_named_and_nothing_starts(tmp_path, capsys):
+    """An MLflow server that answers 403 (as one started without this host in --allowed-hosts does): exit 2 naming the
+    store and its answer, raised while Ray starts beside it; no trial runs."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refuse(BaseHTTPRequestHandler):
+        def refuse(self):
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "PERMISSION_DENIED", "message": "Invalid Host header"}')
+
+        do_GET = do_POST = do_PATCH = refuse
+
+        def log_message(self, *args):
+            pass
+
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
+    with ThreadingHTTPServer(("127.0.0.1", 0), Refuse) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        code = sweep.main(["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2 and f"the MLflow tracking store {uri} refused to set up the sweep" in err and "Invalid Host header" in err, err
+    assert not list((tmp_path / "ray").glob("*/*/params.json"))  # no trial started
