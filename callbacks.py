@@ -7,7 +7,9 @@ so a transient "database is locked" must not turn a finished trial into an error
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 
 from ray.tune import Callback
@@ -69,6 +71,22 @@ class SweepView(Callback):
         self.epochs_done = 0
 
     # --- Tune's hooks -------------------------------------------------------------------------
+
+    def setup(self, **info) -> None:
+        """Say at once what a Ctrl-C (or the SIGTERM the driver turns into one) does: Tune's own handler, installed by
+        now, only logs to the launch log, and then waits up to 10 s for running trials to stop before Ray ends them."""
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler) or threading.current_thread() is not threading.main_thread():
+            return
+
+        def announce(signum, frame):
+            out = console()
+            out.write(("\r\033[K" if out.isatty() else "") + f"stopping: the sweep's state is saved; the {len(self.running)} running "
+                      "trial(s) get up to 10 s to stop before Ray ends them (Ctrl-C again to stop at once)\n")
+            out.flush()
+            handler(signum, frame)
+
+        signal.signal(signal.SIGINT, announce)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self.running.setdefault(str(trial), 0)

@@ -117,6 +117,7 @@ def test_driver_sigterm_then_resume_loses_and_duplicates_nothing(tmp_path):
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=180)
     assert driver.returncode == 1 and "interrupted" in out, out[-3000:]
+    assert "stopping: the sweep's state is saved; the 1 running trial(s) get up to 10 s to stop" in out, out[-3000:]
     client, runs = runs_of(uri, "tiny")
     assert not any(r.info.status == "RUNNING" for r in runs)
     (interrupted,) = [p for p in (tmp_path / "ray").iterdir() if p.name.startswith("tiny-")]

@@ -228,6 +228,7 @@ def test_a_job_requeued_by_hand_mid_sweep_resumes_and_finishes_on_both_nodes_lea
     log = job.log()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "DUE TO JOB REQUEUE" in log and "SIGTERM: stopping the sweep" in log and log.count("resuming ") == 1, log
+    assert re.search(r"stopping: the sweep's state is saved; the [12] running trial\(s\) get up to 10 s to stop", log), log  # the driver's word
     assert "2/2 trials finished" in log and "[2/2] plain_cnn-" in log, log
     trials, parents = sweep_trials(job, BY_HAND_EPOCHS)
     assert len({run.data.tags["ray.node_id"] for run in trials.values()}) == 2, "both trials ran on one Ray node"
