@@ -82,7 +82,7 @@ class SweepView(Callback):
         def announce(signum, frame):
             out = console()
             out.write(("\r\033[K" if out.isatty() else "") + f"stopping: the sweep's state is saved; the {len(self.running)} running "
-                      "trial(s) get up to 10 s to stop before Ray ends them (Ctrl-C again to stop at once)\n")
+                      "trial(s) get up to 10 s to stop before Ray ends them\n")
             out.flush()
             handler(signum, frame)
 
