@@ -71,7 +71,7 @@ def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) ->
     # The run's MLflow 3 logged model (the version then links to it); runs logged before it had only a model/ artifact folder.
     version = mlflow.register_model(f"models:/{logged[-1]}" if logged else f"runs:/{best.run_id}/model", args.register_best, tags=tags)
     client.update_model_version(args.register_best, version.version,
-                                                  description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
+                                description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
     client.set_registered_model_alias(args.register_best, args.alias, version.version)
     print(f"registered {args.register_best} version {version.version} as @{args.alias}: run {best.run_id} ({best['tags.mlflow.runName']}), "
           f"selected by {metric} = {value:.4f}; load it with mlflow.pytorch.load_model('models:/{args.register_best}@{args.alias}')")

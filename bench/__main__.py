@@ -174,15 +174,13 @@ def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
     as the sweep's trial processes do; it idles while the sweep runs."""
     import multiprocessing
 
-    import sweep
-
     cpus = os.cpu_count() or 1
     trial = dataclasses.asdict(trial_config("plain_cnn", n_train, epochs, model={"widths": [16, 32, 64]}))
     print(f"\n2. Ray Tune + MLflow overhead: {trials} trials of plain_cnn, {epochs} epochs on {n_train} images, {cpus} at a time, 1 CPU each")
     first_half, second_half = list(range(trials // 2)), list(range(trials // 2, trials))
     with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn")) as pool:
         before, seconds = plain_pool(pool, trial, first_half)
-        swept, first, per_trial = sweep_seconds(sweep, trial, trials)
+        swept, first, per_trial = sweep_seconds(trial, trials)
         after, more = plain_pool(pool, trial, second_half)
     plain, seconds = before + after, seconds + more
     print(f"   plain process pool: {plain:.1f} s ({before:.1f} s before the sweep, its processes' start included, + {after:.1f} s after; "
@@ -193,9 +191,11 @@ def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
     return overhead
 
 
-def sweep_seconds(sweep, trial: dict, trials: int) -> tuple[float, float, float]:
+def sweep_seconds(trial: dict, trials: int) -> tuple[float, float, float]:
     """The benchmark sweep through ``sweep.main`` (a fresh local Ray): its wall time, when its first trial run started,
     and a trial run's mean seconds."""
+    import sweep
+
     with tempfile.TemporaryDirectory() as tmp:
         experiment = {"defaults": trial, "experiments": {"bench": {"resources": {"cpu": 1}, "max_failures": 0, "grid": {"seed": list(range(trials))}}}}
         (Path(tmp) / "e.yaml").write_text(yaml.safe_dump(experiment))
