@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 from torch import nn
 
 from analysis import compare, failures as fail, gradcam
