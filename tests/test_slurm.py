@@ -243,7 +243,10 @@ def test_a_job_requeued_by_hand_mid_sweep_resumes_and_finishes_on_both_nodes_lea
     log = job.log()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "DUE TO JOB REQUEUE" in log and "SIGTERM: stopping the sweep" in log and log.count("resuming ") == 1, log
-    assert re.search(r"stopping: the sweep's state is saved; the [12] running trial\(s\) get up to 10 s to stop", log), log  # the driver's word
+    # (Not asserted here: the driver's own "stopping: ..." line. On a requeue by hand Slurm sends SIGTERM to every process
+    # of the job at once, the Ray nodes and the MLflow server too, so the driver may be cut off before it says anything:
+    # seen once, the driver silent until KillWait's SIGKILL; the resume above recovers regardless. The time-limit test,
+    # where only the batch script is signalled and it stops the driver first, asserts that line.)
     assert "2/2 trials finished" in log and "[2/2] plain_cnn-" in log, log
     trials, parents = sweep_trials(job, BY_HAND_EPOCHS)
     assert len({run.data.tags["ray.node_id"] for run in trials.values()}) == 2, "both trials ran on one Ray node"
@@ -270,5 +273,6 @@ def test_a_job_warned_before_its_time_limit_requeues_itself_and_finishes(jobs):
     log = job.log()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "SIGUSR1: stopping the sweep" in log and "DUE TO TIME LIMIT" not in log, log
+    assert re.search(r"stopping: the sweep's state is saved; the [12] running trial\(s\) get up to 10 s to stop", log), log  # the driver's word
     sweep_trials(job, TIME_LIMIT_EPOCHS)
     assert_nothing_left(job)
