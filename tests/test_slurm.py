@@ -2,8 +2,8 @@
 
 Two jobs run side by side (the test nodes have 2 CPUs, each job takes one per node), each from its own copy of the
 checkout (its own mlruns/ and ray_results/), with a ``~/.ray/auth_token`` of some earlier local sweep in $HOME, as every
-user has one. Requeued jobs are made eligible at once (``scontrol update
-StartTime=now``): Slurm holds a requeued batch job back by two minutes, which only costs the test time.
+user has one. Requeued jobs are made eligible 3 s later (``scontrol update StartTime=now+3``, see ``hurry``): Slurm holds
+a requeued batch job back by two minutes, which only costs the test time.
 
 The time-limit job's limit is cut short once its sweep has checkpointed an epoch (``scontrol update TimeLimit=``, to
 between 2 and 3 minutes from then): a limit fixed at submission lands its warning at a point of the sweep that depends
