@@ -283,7 +283,10 @@ def init_ray(address: str | None, resumed: dict | None = None) -> None:
             raise InputError(f"cannot reach a Ray cluster at --address {address} ({err}); start one with `ray start --head` or leave out --address") from err
     else:  # "local": start our own, whatever /tmp/ray/ray_current_cluster says; no dashboard, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT), **env_vars}})
+        # Ray prestarts a worker per CPU for the first driver; our job's runtime_env makes the trial actors need workers of
+        # their own, so those would only boot and exit again beside them (~2 CPU-s on 2 cores).
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT), **env_vars}},
+                 _system_config={"prestart_worker_first_driver": False})
 
 
 def address_problem(address: str, timeout: float = 5.0) -> str | None:
