@@ -166,7 +166,7 @@ def plain_pool(pool: ProcessPoolExecutor, trial: dict, seeds: list[int]) -> tupl
     return time.perf_counter() - start, seconds
 
 
-def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
+def bench_overhead(trials: int, epochs: int, n_train: int, address: str | None = None) -> float:
     """Plain pool on half the trials, the Ray Tune + MLflow sweep on all, the pool on the other half:
     the machine's drift over the measurement falls on both sides (the halves add up to the same trials).
 
@@ -180,7 +180,7 @@ def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
     first_half, second_half = list(range(trials // 2)), list(range(trials // 2, trials))
     with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn")) as pool:
         before, seconds = plain_pool(pool, trial, first_half)
-        swept, first, per_trial = sweep_seconds(trial, trials)
+        swept, first, per_trial = sweep_seconds(trial, trials, address)
         after, more = plain_pool(pool, trial, second_half)
     plain, seconds = before + after, seconds + more
     print(f"   plain process pool: {plain:.1f} s ({before:.1f} s before the sweep, its processes' start included, + {after:.1f} s after; "
@@ -191,9 +191,9 @@ def bench_overhead(trials: int, epochs: int, n_train: int) -> float:
     return overhead
 
 
-def sweep_seconds(trial: dict, trials: int) -> tuple[float, float, float]:
-    """The benchmark sweep through ``sweep.main`` (a fresh local Ray): its wall time, when its first trial run started,
-    and a trial run's mean seconds."""
+def sweep_seconds(trial: dict, trials: int, address: str | None = None) -> tuple[float, float, float]:
+    """The benchmark sweep through ``sweep.main`` (a fresh local Ray, or the running cluster at ``address``): its wall time,
+    when its first trial run started, and a trial run's mean seconds."""
     import sweep
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +201,8 @@ def sweep_seconds(trial: dict, trials: int) -> tuple[float, float, float]:
         (Path(tmp) / "e.yaml").write_text(yaml.safe_dump(experiment))
         uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
         start, wall_start = time.perf_counter(), time.time()
-        code = sweep.main(["--config", f"{tmp}/e.yaml", "--experiment", "bench", "--tracking-uri", uri, "--storage", f"{tmp}/ray"])
+        code = sweep.main(["--config", f"{tmp}/e.yaml", "--experiment", "bench", "--tracking-uri", uri, "--storage", f"{tmp}/ray",
+                           *(["--address", address] if address else [])])
         swept = time.perf_counter() - start
         assert code == 0, "the benchmark sweep failed"
         return (swept, *sweep_timeline(uri, wall_start))
@@ -243,6 +244,8 @@ def main() -> None:
     p.add_argument("--overhead-trials", type=int, default=8, help="trials in the overhead comparison (default: 8)")
     p.add_argument("--overhead-epochs", type=int, default=4, help="epochs per overhead trial (default: 4; 8 gives trials of about a minute on 2 CPU cores)")
     p.add_argument("--overhead-images", type=int, default=5000, help="training images per overhead trial (default: 5000)")
+    p.add_argument("--overhead-address", default=None, help="run the overhead sweep on this running Ray cluster (e.g. `auto` for a "
+                   "`ray start --head` kept between sweeps) instead of a fresh local Ray")
     p.add_argument("--gradcam-images", type=int, default=0, help="images per Grad-CAM measurement (default: 256 on CPU, 1024 on CUDA)")
     p.add_argument("--skip", nargs="*", default=[], choices=["training", "overhead", "gradcam"], help="parts to leave out")
     args = p.parse_args()
@@ -255,7 +258,7 @@ def main() -> None:
     sizes = {m: args.images or (20_000 if big else (384 if m == "resnet18" else 2048)) for m in list_models()}
     training = bench_training(device, sizes, args.rounds, args.workers) if "training" not in args.skip else {}
     if "overhead" not in args.skip:
-        bench_overhead(args.overhead_trials, args.overhead_epochs, args.overhead_images)
+        bench_overhead(args.overhead_trials, args.overhead_epochs, args.overhead_images, args.overhead_address)
     if "gradcam" not in args.skip:
         bench_gradcam(device, args.gradcam_images or (1024 if big else 256))
     bench_mfu(device, training)
