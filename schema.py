@@ -19,6 +19,9 @@ from config import ExperimentConfig, TrialConfig, nested_configs
 
 SEARCH_KINDS = ("choice", "uniform", "loguniform")
 TOP_KEYS = ("defaults", "default_experiment", "experiments")
+# An experiment's name becomes an MLflow filter value, a folder under --storage and the artifact folder, and a sweep id.
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+EXPERIMENT_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
 
 
 class ConfigError(ValueError):
@@ -308,6 +311,9 @@ def resolve(path: str | Path, name: str | None = None, sets: list[str] | None = 
     overrides = parse_sets(sets or [])
     chosen = None
     for exp_name, exp in experiments.items():
+        if not isinstance(exp_name, str) or not EXPERIMENT_NAME.fullmatch(exp_name):
+            errors.append(f"experiments.{exp_name}: invalid experiment name {exp_name!r}; use {EXPERIMENT_NAME_RULE}")
+            continue
         exp = exp or {}
         if not isinstance(exp, dict):
             errors.append(f"experiments.{exp_name}: must be a mapping, got {type(exp).__name__}")

@@ -22,6 +22,7 @@ import best
 import launches
 import metrics
 import tracking
+from launch import secret_files
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 from config import ExperimentConfig
 from schema import ConfigError, InputError, as_dict, expand_grid, resolve, trial_configs
@@ -283,6 +284,7 @@ def init_ray(address: str | None, resumed: dict | None = None) -> None:
             raise InputError(f"cannot reach a Ray cluster at --address {address} ({err}); start one with `ray start --head` or leave out --address") from err
     else:  # "local": start our own, whatever /tmp/ray/ray_current_cluster says; no dashboard, no usage stats phoned home
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        secret_files.local_ray_token()  # its token readable by this user only (Ray writes it with the umask's 0644)
         # Ray prestarts a worker per CPU for the first driver; our job's runtime_env makes the trial actors need workers of
         # their own, so those would only boot and exit again beside them (~2 CPU-s on 2 cores).
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(tracking.PROJECT_ROOT), **env_vars}},

@@ -120,3 +120,22 @@ def test_nothing_to_resume_or_analyse_exits_2_with_the_reason(tmp_path, capsys):
     assert f"no interrupted sweep of 'ok' under {tmp_path / 'ray'} to resume" in capsys.readouterr().err
     assert analysis_main(["--experiment", "nope", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["it's", "a/b", "../x", ".hidden", "a b"])
+def test_experiment_names_that_cannot_be_filters_or_folders_exit_2_before_anything_starts(tmp_path, capsys, name):
+    import ray
+
+    path = write_experiments(tmp_path / "e.yaml", {name: {}})
+    store = tmp_path / "store" / "mlflow.db"
+    ray_before = ray.is_initialized()
+    argv = ["--config", str(path), "--experiment", name, "--tracking-uri", f"sqlite:///{store}", "--storage", str(tmp_path / "ray")]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"invalid experiment name {name!r}" in err and "letters, digits, '-', '_' and '.', not starting with a dot" in err
+    assert not store.parent.exists() and not (tmp_path / "ray").exists() and ray.is_initialized() == ray_before
+
+
+def test_experiment_names_with_dots_dashes_and_underscores_are_accepted(tmp_path):
+    path = write_experiments(tmp_path / "e.yaml", {"cifar10_v1.2-b": {}})
+    assert resolve(path, "cifar10_v1.2-b")[0] == "cifar10_v1.2-b"

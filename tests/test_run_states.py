@@ -4,6 +4,7 @@ Real Ray and MLflow on synthetic data; faults injected for real where the proces
 """
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -113,7 +114,14 @@ def local_sweep_beside_a_dead_cluster(tmp_path_factory):
     stale.write_text("127.0.0.1:1")  # nothing listens on port 1
     path = write_experiments(tmp / "e.yaml", {"tiny": {"epochs": 1}})  # one trial: its worker's sockets are watched too
     uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                                            "RAY_AUTH_TOKEN_PATH")}
+    token = tmp / "home" / ".ray" / "auth_token"  # as Ray 2.60 leaves it under umask 022: 0644 in a 0755 folder
+    token.parent.mkdir(parents=True)
+    token.write_text("e" * 64)
+    os.chmod(token.parent, 0o755)
+    os.chmod(token, 0o644)
+    env["HOME"] = str(tmp / "home")
     listening: set[tuple[str, str, int]] = set()
     try:
         driver = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "--config", str(path), "--experiment", "tiny", "--tracking-uri", uri,
@@ -135,6 +143,14 @@ def local_sweep_beside_a_dead_cluster(tmp_path_factory):
         else:
             stale.write_text(before)
     return driver.returncode, out, listening, uri
+
+
+def test_after_a_local_sweep_its_ray_token_is_readable_by_its_owner_only(local_sweep_beside_a_dead_cluster):
+    code, out, _, uri = local_sweep_beside_a_dead_cluster
+    assert code == 0, out[-3000:]
+    token = Path(uri[len("sqlite:///"):]).parents[1] / "home" / ".ray" / "auth_token"
+    assert token.read_text() == "e" * 64  # the user's token, kept
+    assert (stat.S_IMODE(token.stat().st_mode), stat.S_IMODE(token.parent.stat().st_mode)) == (0o600, 0o700)
 
 
 def test_a_dead_cluster_file_does_not_stop_a_local_sweep(local_sweep_beside_a_dead_cluster):

@@ -11,6 +11,7 @@ on this machine's speed (seen: no epoch trained yet, and every epoch trained, so
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import math
 import os
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,19 +231,53 @@ def assert_nothing_left(job: Job) -> None:
     temp = list(Path("/tmp").glob(f"ray-{job.id}-*"))
     assert not temp, f"node temp dirs left: {temp}"
     assert not (job.copy / ".slurm" / job.id / "ray_auth_token").exists(), "the job's token outlived it"
+    assert not (job.copy / ".slurm" / job.id / "mlflow").exists(), "the job's MLflow login outlived it"
     heads = re.findall(r"Ray head \S+ at (\S+:\d+)", job.log())
     assert heads and not (CLUSTER_FILE.exists() and CLUSTER_FILE.read_text().strip() in heads)
+
+
+def mlflow_login(job: Job, start: int) -> tuple[str, str]:
+    """The MLflow server the job's ``start``-th start announced (once it answers) and the password of the job's login."""
+    servers = wait_for(f"job {job.id}'s MLflow server of start {start}", lambda: (found := re.findall(r"MLflow server: (http://\S+?),", job.log()))
+                       and len(found) >= start and found, timeout=300, interval=0.2)
+    login = (job.copy / ".slurm" / job.id / "mlflow" / "client.env").read_text()
+    return servers[start - 1], dict(line.split("=", 1) for line in login.splitlines())["MLFLOW_TRACKING_PASSWORD"]
+
+
+def http_status(server: str, password: str | None = None) -> int:
+    """The status of a REST call (search experiments) to ``server``, as the job's admin with ``password`` if given."""
+    request = urllib.request.Request(f"{server}/api/2.0/mlflow/experiments/search?max_results=1")
+    if password is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"admin:{password}".encode()).decode())
+    try:
+        return urllib.request.urlopen(request, timeout=20).status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def assert_login_required(server: str, password: str) -> None:
+    """Without credentials or with a wrong password: 401; with the job's login: 200. The password on no command line."""
+    assert (http_status(server), http_status(server, "wrong-" + password), http_status(server, password)) == (401, 401, 200)
+    command_lines = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
+    assert password not in command_lines
 
 
 def test_a_job_requeued_by_hand_mid_sweep_resumes_and_finishes_on_both_nodes_leaving_nothing(jobs):
     """Acceptance 1 and 2: the quick sweep on two nodes, `scontrol requeue` once a trial has logged an epoch; the job
     runs again, resumes, ends COMPLETED with exit 0, every trial FINISHED once with no epoch logged twice, trials on
-    both Ray nodes, nothing left behind."""
+    both Ray nodes, nothing left behind. Its MLflow server answers only to the job's login, the same login after the
+    requeue; the password is in neither the job log nor any command line."""
     job = jobs["by_hand"]
+    server, password = mlflow_login(job, start=1)
+    assert_login_required(server, password)
     wait_for("a trial's first epoch", lambda: checkpoints(job), timeout=300, interval=0.5)
     subprocess.run(["scontrol", "requeue", job.id], env=job.env, check=True)
+    server, after_requeue = mlflow_login(job, start=2)
+    assert after_requeue == password, "the login changed across the requeue"
+    assert_login_required(server, password)
     info = wait_until_done(job, timeout=400)
     log = job.log()
+    assert password not in log
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "DUE TO JOB REQUEUE" in log and "SIGTERM: stopping the sweep" in log and log.count("resuming ") == 1, log
     # (Not asserted here: the driver's own "stopping: ..." line. On a requeue by hand Slurm sends SIGTERM to every process
