@@ -21,7 +21,7 @@ import corruptions
 import metrics
 import plots
 from analysis import calibration, compare, failures as fail, gradcam, label_issues, persistent
-from analysis.runs import RunRecord, find_runs, load_model, test_images
+from analysis.runs import RunRecord, find_runs, load_model, safe_names, test_images
 from config import TrialConfig
 from schema import InputError
 
@@ -147,7 +147,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSett
     for f, score in zip(explained, scores):
         f["road_score"] = round(float(score), 4)
     result = RunAnalysis(run, found, categories, layer_name, gradcam.layer_resolution(model, target), road=road)
-    folder = out / "runs" / run.name
+    folder = out / "runs" / run.slug
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failures.json").write_text(json.dumps({
         "run_id": run.run_id, "run_name": run.name, "threshold": threshold, "count": len(found),
@@ -347,7 +347,7 @@ def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tupl
         row["mcnemar"]["p_holm"] = p_holm
     result = Comparison(f"{baseline[0]}={baseline[1]}", f"{variant[0]}={variant[1]}", rows, compare.per_class_table(pairs),
                         change_strata(runs, rows, baseline, threshold))
-    folder = out / "compare" / f"{baseline[1]}_vs_{variant[1]}"
+    folder = out / "compare" / safe_names([f"{baseline[1]}_vs_{variant[1]}"])[0]  # param values from the store: no path
     base, var = pairs[0]
     shown = (rows[0]["fixed"][:4] + rows[0]["new"][:4])
     if shown:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -61,6 +63,7 @@ class RunRecord:
     uri: str
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     artifacts: frozenset[str] = frozenset()  # the run's top-level artifact paths
+    slug: str = ""  # the run's name as a folder name of the report (safe_names: unique, no path in it)
 
     @cached_property
     def config(self) -> dict:
@@ -80,7 +83,9 @@ class RunRecord:
         if metrics.ROBUSTNESS_FILE not in self.artifacts:
             return None
         logged = json.loads(download(self.uri, self.run_id, metrics.ROBUSTNESS_FILE, self.folder.parent).read_text())
-        return logged if {"accuracy", "images", "requested"} <= set(logged) else None
+        if not {"accuracy", "images", "requested"} <= set(logged):
+            return None
+        return well_formed(self, metrics.ROBUSTNESS_FILE, logged, {"requested": int, "images": int, "accuracy": dict})
 
     @cached_property
     def trial_adversarial(self) -> dict | None:
@@ -89,7 +94,46 @@ class RunRecord:
 
         if metrics.ADVERSARIAL_FILE not in self.artifacts:
             return None
-        return adversarial.from_json(download(self.uri, self.run_id, metrics.ADVERSARIAL_FILE, self.folder.parent).read_text())
+        logged = adversarial.from_json(download(self.uri, self.run_id, metrics.ADVERSARIAL_FILE, self.folder.parent).read_text())
+        return well_formed(self, metrics.ADVERSARIAL_FILE, logged, {"requested": int, "images": int, "steps": int, "step_size": float,
+                                                                   "epsilons": list, "accuracy": dict, "clean": float})
+
+
+NUMBER = (int, float)
+
+
+def well_formed(record: RunRecord, artifact: str, logged: dict, types: dict[str, type]) -> dict | None:
+    """``logged`` if each field has its type (a float may be an int; the lists and dicts hold numbers, or lists of
+    them), else None with a note: a file from the store is data, and one that is not what a trial writes is measured
+    again by the analysis rather than trusted."""
+    def ok(value, kind) -> bool:
+        if kind is float:
+            return isinstance(value, NUMBER) and not isinstance(value, bool)
+        if kind is list:
+            return isinstance(value, list) and all(ok(v, float) for v in value)
+        if kind is dict:
+            return isinstance(value, dict) and all(isinstance(k, str) and ok(v, list) for k, v in value.items())
+        return isinstance(value, kind) and not isinstance(value, bool)
+
+    bad = [key for key, kind in types.items() if not ok(logged.get(key), kind)]
+    if bad:
+        print(f"note: {record.name}'s {artifact} is not what a trial writes ({', '.join(bad)}); the analysis measures it again", file=sys.stderr)
+        return None
+    return logged
+
+
+def safe_names(names: list[str]) -> list[str]:
+    """Each name (read from the store: anyone who can write there chooses it) as one folder name: letters, digits, '-',
+    '_' and '.' kept, anything else '_', no leading dot, at most 100 characters; made unique with -2, -3, ...."""
+    out: list[str] = []
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:100] or "run"
+        slug, n = base, 1
+        while slug in out:
+            n += 1
+            slug = f"{base}-{n}"
+        out.append(slug)
+    return out
 
 
 def download(uri: str, run_id: str, artifact: str, cache: Path) -> Path:
@@ -122,6 +166,9 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
         runs = [r for r in runs if r.data.tags.get(tracking.SWEEP_TAG) == wanted]
     records = []
     for run in runs:
+        if not RUN_ID.fullmatch(run.info.run_id):  # it names a folder of the download cache
+            log(f"note: skipping a run whose id {run.info.run_id!r} is not an MLflow run id")
+            continue
         artifacts = frozenset(a.path for a in mlflow_client.list_artifacts(run.info.run_id)) if run.info.status == "FINISHED" else frozenset()
         if metrics.PREDICTIONS_FILE not in artifacts:  # pruned, killed or failed (a pruned run may end FINISHED without them)
             stopped = run.data.tags.get(tracking.STOPPED_BY_TAG)
@@ -135,7 +182,12 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
                                  run.data.metrics, cache / run.info.run_id, uri, history, artifacts))
     if not records:
         raise InputError(f"experiment {experiment!r} has no finished trial runs with test predictions (sweep {sweep}) at {uri}")
+    for record, slug in zip(records, safe_names([r.name for r in records])):
+        record.slug = slug
     return records
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def load_model(record: RunRecord, device: str = "cpu"):

@@ -1,10 +1,14 @@
 """analysis/: failures, transitions, McNemar, Grad-CAM localisation, the report, a tracking server."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+import metrics
+import tracking
 
 from analysis import compare, failures as fail, gradcam
 from analysis.pipeline import run_analysis
@@ -335,3 +339,44 @@ def test_main_tables_are_logged_as_mlflow_tables(analysed, finished_sweep):
     comparison = json.loads((out / "compare" / "plain_cnn_vs_residual_cnn" / "comparison.json").read_text())
     assert sorted(load("comparison_pairs").fixed) == sorted(len(p["fixed"]) for p in comparison["pairs"])
     assert set(load("comparison_strata").stratum) == {r["stratum"] for r in comparison["strata"]}
+
+
+def test_names_and_values_from_a_tampered_store_stay_data(finished_sweep, tmp_path):
+    """Issue 38's store: a run named ../../outside, an augment param ../x (paired, so a comparison folder is made from
+    it), a run named with markup and an adversarial.json whose steps is a script. The analysis exits 0, writes nothing
+    outside --out, and its report holds no unescaped markup from the store."""
+    import shutil
+    import sqlite3
+
+    from analysis.__main__ import main as analysis_main
+
+    source = finished_sweep["tmp"] / "mlruns"
+    store = tmp_path / "store" / "mlruns"
+    shutil.copytree(source, store)
+    with sqlite3.connect(store / "mlflow.db") as db:  # the copy's runs point at the copy's artifacts
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(store)))
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(source), str(store)))
+        ids = dict(db.execute("SELECT r.name, r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                              f"WHERE t.key = '{tracking.KIND_TAG}' AND t.value = 'trial'").fetchall())
+        names = sorted(ids)  # plain_cnn s1, s2, residual_cnn s1, s2
+        renamed = {names[0]: "../../outside", names[3]: "<img src=x onerror=alert(1)>"}
+        for old, new in renamed.items():
+            db.execute("UPDATE runs SET name = ? WHERE run_uuid = ?", (new, ids[old]))
+            db.execute("UPDATE tags SET value = ? WHERE key = 'mlflow.runName' AND run_uuid = ?", (new, ids[old]))
+        seed = db.execute("SELECT value FROM params WHERE key = 'seed' AND run_uuid = ?", (ids[names[0]],)).fetchone()[0]
+        db.execute("UPDATE params SET value = '../x' WHERE key = 'augment' AND run_uuid = ?", (ids[names[1]],))
+        db.execute("UPDATE params SET value = ? WHERE key = 'seed' AND run_uuid = ?", (seed, ids[names[1]]))  # its pair: names[0]
+        artifacts = Path(db.execute("SELECT artifact_uri FROM runs WHERE run_uuid = ?", (ids[names[2]],)).fetchone()[0].removeprefix("file://"))
+    (artifacts / metrics.ADVERSARIAL_FILE).write_text(json.dumps({"requested": 10, "images": 10, "steps": "<script>alert(1)</script>",
+                                                                  "step_size": 0.25, "epsilons": [0.0], "accuracy": {}, "clean": 1.0}))
+    out = tmp_path / "work" / "report"
+    before = sorted(p for p in tmp_path.rglob("*") if out not in p.parents)
+    assert analysis_main(["--experiment", "tiny", "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--out", str(out), "--no-log",
+                          "--threshold", "0.2", "--corruption-images", "0", "--adversarial-images", "10", "--road-images", "4", "--max-cams", "4",
+                          "--workers", "1"]) == 0
+    assert sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p not in (out, out.parent)) == before  # nothing outside --out
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(["_.._outside", "_img_src_x_onerror_alert_1__", names[1], names[2]])
+    assert [p.name for p in (out / "compare").iterdir()] == ["none_vs_.._x"]
+    text = (out / "report.html").read_text()
+    assert "<script" not in text.lower() and "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert json.loads((out / "adversarial.json").read_text())["steps"] == 10  # the planted file was not trusted: attacked again
