@@ -74,7 +74,9 @@ def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) ->
                                 description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
     client.set_registered_model_alias(args.register_best, args.alias, version.version)
     print(f"registered {args.register_best} version {version.version} as @{args.alias}: run {best.run_id} ({best['tags.mlflow.runName']}), "
-          f"selected by {metric} = {value:.4f}; load it with mlflow.pytorch.load_model('models:/{args.register_best}@{args.alias}')")
+          f"selected by {metric} = {value:.4f}; load it without unpickling anything (it is an exported program):\n"
+          f"  MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false python -c \"import mlflow.pytorch; "
+          f"model = mlflow.pytorch.load_model('models:/{args.register_best}@{args.alias}')\"")
     return 0
 
 

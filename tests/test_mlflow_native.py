@@ -28,7 +28,7 @@ def best_trial(finished_sweep):
 
 
 def test_logged_model_loads_without_pickle_and_reproduces_the_logged_predictions(finished_sweep, monkeypatch):
-    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # as the README loads models from a shared store
     run = best_trial(finished_sweep)
     mlflow.set_tracking_uri(finished_sweep["uri"])
     model = mlflow.pytorch.load_model(f"runs:/{run.run_id}/model")
@@ -53,7 +53,7 @@ def test_every_trial_logs_one_mlflow_3_logged_model(finished_sweep):
     assert [o.model_id for o in run.outputs.model_outputs] == [m.model_id for m in models if m.source_run_id == run.info.run_id]
 
 
-def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys):
+def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys, monkeypatch):
     assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best"]) == 0
     trials = finished_sweep["runs"][finished_sweep["runs"][f"tags.{tracking.KIND_TAG}"] == "trial"]
     best_val = trials[f"metrics.{metrics.VAL_ACC}"].max()
@@ -68,7 +68,9 @@ def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys)
     assert client.get_model_version_by_alias("tiny-best", "champion").version == version.version
     (logged,) = client.get_run(version.run_id).outputs.model_outputs
     assert version.source == f"models:/{logged.model_id}"  # the version is the run's MLflow 3 logged model
+    assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in captured.out  # the hint loads without pickle
     mlflow.set_tracking_uri(finished_sweep["uri"])
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     assert isinstance(mlflow.pytorch.load_model("models:/tiny-best@champion"), torch.nn.Module)
     assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best-test", "--metric", metrics.TEST_ACC]) == 0
     assert "warning: selecting the best run by test/acc is selection on the test set" in capsys.readouterr().err
