@@ -6,6 +6,7 @@ unpack step provides the data. Commands that need what this machine lacks are li
 ``quick`` experiment trains 1 epoch on 300 images (its YAML budget cut to toy size), so the sweep, its analysis,
 rerun and registration run in minutes; the command lines themselves are not changed. Slow (minutes): ``pytest -m slow``.
 """
+import os
 import re
 import shutil
 import subprocess
@@ -86,13 +87,14 @@ def test_every_example_command_runs_as_written(fresh_copy):
         firsts.setdefault(same(command), command)
     commands = list(firsts.values())
     ran, skipped, failed = [], [], []
+    env = {**os.environ, "HOME": str(fresh_copy.parent / "home")}  # what a command writes under ~ (a login, Ray's token) stays here
     for command in commands:
         why = reason_not_run(command)
         if why:
             skipped.append(f"{command}  [needs {why}]")
             continue
         argv = re.sub(r"^(\.venv/bin/)?python3? ", f"{sys.executable} ", command)
-        out = subprocess.run(argv, shell=True, cwd=fresh_copy, capture_output=True, text=True, timeout=900)
+        out = subprocess.run(argv, shell=True, cwd=fresh_copy, capture_output=True, text=True, timeout=900, env=env)
         (ran if out.returncode == 0 else failed).append(command)
         if out.returncode:
             failed[-1] += f"  -> exit {out.returncode}: {(out.stderr or out.stdout)[-1500:]}"
