@@ -162,9 +162,11 @@ class TrialConfig:
         s, out = self.schedule, []
         late = [m for m in s.milestones if not 0 < m < self.epochs]
         if s.name == "multistep" and late:
-            example = f", e.g. [{self.epochs // 2}, {self.epochs * 4 // 5}] (seed 000: [25, 40] of 50)" if self.epochs >= 5 else ", or another schedule"
-            out.append(("schedule.milestones", f"milestones {late} are not inside epochs 1..{self.epochs - 1} (epochs: {self.epochs}), so the lr "
-                                               f"would never drop there; set milestones below epochs{example}"))
+            inside = f"inside epochs 1..{self.epochs - 1}" if self.epochs > 1 else "below epochs (1: no epoch is)"
+            fits = sorted({m for m in (self.epochs // 2, self.epochs * 4 // 5) if 0 < m < self.epochs})
+            fix = f"--set schedule.milestones=[{','.join(map(str, fits))}] (seed 000: [25, 40] of 50)" if fits else "--set schedule.milestones=[]"
+            out.append(("schedule.milestones", f"milestones {late} are not {inside} (epochs: {self.epochs}), so the lr would never drop there; "
+                                               f"use {fix}, or another schedule (--set schedule.name=cosine)"))
         if s.warmup_epochs and s.warmup_epochs >= self.epochs:
             out.append(("schedule.warmup_epochs", f"must be < epochs ({self.epochs}), got {s.warmup_epochs}"))
         if s.name == "onecycle" and s.warmup_epochs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import math
 import re
 import typing
 from pathlib import Path
@@ -105,6 +106,8 @@ def build(cls: type, data: Any, path: str, problems: list[tuple[str, str]]) -> A
         where = f"{path}.{key}" if path else str(key)
         if key not in hints:
             problems.append((where, f"unknown key {key!r}; known: {', '.join(sorted(hints))}"))
+        elif isinstance(value, float) and not math.isfinite(value):  # .nan, .inf: no setting means them
+            problems.append((where, f"must be a finite number, got {value}"))
         elif key in nested:
             kwargs[key] = build(nested[key], value, where, problems)
         elif not _type_ok(value, hints[key]):
@@ -134,9 +137,10 @@ def registry_problems(cfg: TrialConfig) -> list[tuple[str, str]]:
         except (TypeError, ValueError) as err:
             out.append(("model", f"{cfg.arch} rejects {cfg.model}: {err}"))
     try:
-        augment.Augmenter(cfg.augment, cfg.augment_params)
+        augment.resolve_ops(cfg.augment)
     except KeyError as err:
         out.append(("augment", err.args[0]))
+    out += [(f"augment_params.{key}" if key else "augment_params", message) for key, message in augment.param_problems(cfg.augment_params)]
     if cfg.data.name not in sources.list_datasets():
         out.append(("data.name", f"unknown dataset {cfg.data.name!r}; known: {', '.join(sources.list_datasets())}"))
     return out

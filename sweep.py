@@ -122,12 +122,22 @@ def check_writable(args: argparse.Namespace) -> None:
                                   f"{'--storage' if folder == Path(args.storage) else '--tracking-uri'}") from err
 
 
+PATH_SETTINGS = ("data.root", "data.cache_dir")
+
+
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Data root and cache made absolute: trials run in Ray's own working directories."""
-    data = dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).expanduser().resolve()))
-    if data.cache_dir:
-        data = dataclasses.replace(data, cache_dir=str(Path(data.cache_dir).expanduser().resolve()))
-    return dataclasses.replace(cfg, data=data)
+    """Data root and cache made absolute, in the base settings and in the grid: trials run in Ray's own working
+    directories, where a relative path means something else."""
+    absolute = lambda path: path if path is None else str(Path(path).expanduser().resolve())
+    data = dataclasses.replace(cfg.data, root=absolute(cfg.data.root), cache_dir=absolute(cfg.data.cache_dir))
+    grid = dict(cfg.grid)
+    for key in PATH_SETTINGS:
+        spec = grid.get(key)
+        if isinstance(spec, list):
+            grid[key] = [absolute(v) for v in spec]
+        elif isinstance(spec, dict) and isinstance(spec.get("choice"), list):
+            grid[key] = {**spec, "choice": [absolute(v) for v in spec["choice"]]}
+    return dataclasses.replace(cfg, data=data, grid=grid)
 
 
 def available_gpus() -> float:

@@ -234,8 +234,10 @@ def run_name(trial: dict, overrides: dict[str, Any]) -> str:
     parts = [str(trial.get("arch")), augment, f"s{trial.get('seed')}"]
     for key, value in overrides.items():
         if key not in ("arch", "augment", "seed"):
-            if isinstance(value, str):
-                parts.append(value)  # data.name=imagefolder -> "imagefolder"
+            if isinstance(value, str):  # data.name=imagefolder -> "imagefolder"; a path by its last part (a trial name holds no '/')
+                parts.append(Path(value).name if key.endswith((".root", ".cache_dir")) else value.replace("/", "_"))
+            elif isinstance(value, list):
+                parts.append(f"{key.split('.')[-1]}{'x'.join(map(str, value))}")  # model.widths=[8, 16] -> "widths8x16"
             else:
                 parts.append(f"{key.split('.')[-1]}{value:.3g}" if isinstance(value, float) else f"{key.split('.')[-1]}{value}")
     return "-".join(parts)

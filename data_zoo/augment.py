@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 AugmentOp = Callable[..., torch.Tensor]
 _OPS: dict[str, AugmentOp] = {}
+_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {}  # op -> parameter -> (type, lowest, highest), as augment_params allows
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -22,10 +23,13 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def register_op(fn: AugmentOp) -> AugmentOp:
-    """Decorator: register a batch op under its function name."""
-    _OPS[fn.__name__] = fn
-    return fn
+def register_op(**params: tuple[type, float, float]) -> Callable[[AugmentOp], AugmentOp]:
+    """Decorator: register a batch op under its function name, with the (type, lowest, highest) of each parameter."""
+    def wrap(fn: AugmentOp) -> AugmentOp:
+        _OPS[fn.__name__], _PARAMS[fn.__name__] = fn, params
+        return fn
+
+    return wrap
 
 
 def list_ops() -> list[str]:
@@ -38,7 +42,7 @@ def list_augmentations() -> list[str]:
     return sorted(PRESETS)
 
 
-@register_op
+@register_op(padding=(int, 0, 32))
 def crop(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, padding: int = 4) -> torch.Tensor:
     """Random HxW crop of each image zero-padded (black) by ``padding`` pixels on every side."""
     n, c, h, w = x.shape
@@ -50,14 +54,14 @@ def crop(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, padding: int
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-@register_op
+@register_op(p=(float, 0.0, 1.0))
 def flip(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     """Horizontal flip of each image with probability ``p``."""
     mask = torch.rand(x.shape[0], generator=gen, device=x.device) < p
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
-@register_op
+@register_op(length=(int, 1, 32), n_holes=(int, 1, 64))
 def cutout(x: torch.Tensor, gen: torch.Generator, fill: torch.Tensor, length: int = 16, n_holes: int = 1) -> torch.Tensor:
     """Zero ``n_holes`` length x length squares per image, centres anywhere, clipped at the border."""
     n, _, h, w = x.shape
@@ -84,15 +88,41 @@ def resolve_ops(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(spec)
 
 
+def param_problems(params: object) -> list[tuple[str, str]]:
+    """(``op.param``, message) for every ``augment_params`` entry no op takes: unknown op or parameter, wrong type,
+    outside the parameter's range (a crop padding of -40 or a Cutout of length -3 would fail every trial)."""
+    if not isinstance(params, dict):
+        return [("", f"must be a mapping of op -> {{parameter: value}}, got {type(params).__name__}")]
+    out = []
+    for op, values in params.items():
+        if op not in _OPS:
+            out.append((str(op), f"unknown augmentation op {op!r}; known: {', '.join(list_ops())}"))
+        elif not isinstance(values, dict):
+            out.append((op, f"must be a mapping of parameter -> value, got {type(values).__name__} {values!r}"))
+        else:
+            out += [(f"{op}.{key}", problem) for key, value in values.items() if (problem := _param_problem(op, key, value))]
+    return out
+
+
+def _param_problem(op: str, key: str, value: object) -> str | None:
+    if key not in _PARAMS[op]:
+        return f"unknown parameter {key!r} of {op}; known: {', '.join(sorted(_PARAMS[op]))}"
+    kind, low, high = _PARAMS[op][key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    if not number or not low <= value <= high:  # (NaN fails the range)
+        return f"must be {'an integer' if kind is int else 'a number'} in [{low:g}, {high:g}], got {value!r}"
+    return None
+
+
 class Augmenter:
     """A composed pipeline: ``Augmenter('cutout', {'cutout': {'length': 8}})(batch, gen)``."""
 
     def __init__(self, spec: str | Sequence[str], params: dict[str, dict] | None = None, fill: torch.Tensor | None = None):
         self.ops = resolve_ops(spec)
         self.params = params or {}
-        unknown = set(self.params) - set(_OPS)
-        if unknown:
-            raise KeyError(f"augment_params for unknown op {sorted(unknown)[0]!r}; known: {', '.join(list_ops())}")
+        problems = param_problems(self.params)
+        if problems:
+            raise ValueError("; ".join(f"augment_params.{key}: {message}" for key, message in problems))
         self.fill = fill  # normalised value of a black pixel (crop's padding), kept on the device of the batches it fills
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -56,6 +56,17 @@ MISTAKES = [
     ({}, ["amp=no"], "--set amp: expected bool, got str 'no'"),  # YAML 1.2: only true/false are booleans
     ({"adversarial": True, "adversarial_step_size": 2}, [], "experiments.bad.adversarial_step_size: must be in (0, 1] (a fraction of epsilon), got 2"),
     ({}, ["adversarial_images=0"], "--set adversarial_images: must be >= 1, got 0"),
+    ({}, ["augment_params.cutout.length=-3"], "--set augment_params.cutout.length: must be an integer in [1, 32], got -3"),
+    ({}, ["augment_params.crop.paddin=4"], "--set augment_params.crop.paddin: unknown parameter 'paddin' of crop; known: padding"),
+    ({"augment_params": {"flip": {"p": 1.5}}}, [], "experiments.bad.augment_params.flip.p: must be a number in [0, 1], got 1.5"),
+    ({"augment_params": {"mixup": {}}}, [], "experiments.bad.augment_params.mixup: unknown augmentation op 'mixup'; known: crop, cutout, flip"),
+    ({}, ["resources.gpu=.inf"], "--set resources.gpu: must be a finite number, got inf"),
+    ({}, ["resources.cpu=.nan"], "--set resources.cpu: must be a finite number, got nan"),
+    ({}, ["optimizer.lr=.nan"], "--set optimizer.lr: must be a finite number, got nan"),
+    ({}, ["optimizer.weight_decay=-.inf"], "--set optimizer.weight_decay: must be a finite number, got -inf"),
+    ({}, ["grad_clip=.nan"], "--set grad_clip: must be a finite number, got nan"),
+    ({}, ["scheduler.reduction_factor=.nan"], "--set scheduler.reduction_factor: must be a finite number, got nan"),
+    ({"grid": {"optimizer.lr": [0.1, 0.1e400]}}, [], "experiments.bad.grid.optimizer.lr[1]: must be a finite number, got inf"),
 ]
 
 

@@ -50,12 +50,12 @@ def kill_when_training(uri: str, experiment: str, name: str, epoch: int, killed:
 
 
 def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
-    # A crop padding of -40 passes validation but cannot crop a 32-pixel image: those trials raise in training.
-    grid = {"augment_params.crop.padding": [4, -40], "optimizer.lr": [0.05, 1.0e6]}
+    # A stage of width 0 passes validation (the factory builds it) but cannot run: those trials raise in training.
+    grid = {"model.widths": [[8, 16, 16], [8, 16, 0]], "optimizer.lr": [0.05, 1.0e6]}
     path = write_experiments(tmp_path / "e.yaml", {"faults": {"epochs": 4, "max_failures": 1, "schedule": {"name": "constant"}, "augment": "cropflip", "grid": grid}})
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     killed: list = []
-    watcher = threading.Thread(target=kill_when_training, args=(uri, "faults", "plain_cnn-cropflip-s42-padding4-lr0.05", 2, killed), daemon=True)
+    watcher = threading.Thread(target=kill_when_training, args=(uri, "faults", "plain_cnn-cropflip-s42-widths8x16x16-lr0.05", 2, killed), daemon=True)
     watcher.start()
     code = sweep.main(["--config", str(path), "--experiment", "faults", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
     watcher.join(timeout=5)
@@ -68,7 +68,7 @@ def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED", "FAILED"}
 
     # SIGKILL mid-training: restarted from its checkpoint, same run, same final metrics as an uninterrupted run.
-    (survivor,) = by_name["plain_cnn-cropflip-s42-padding4-lr0.05"]
+    (survivor,) = by_name["plain_cnn-cropflip-s42-widths8x16x16-lr0.05"]
     assert killed and survivor.info.status == "FINISHED" and survivor.data.tags["pid"] != str(killed[0])
     assert steps(client, survivor.info.run_id, metrics.TRAIN_LOSS) == [1, 2, 3, 4]  # no duplicate steps
     problems: list = []
@@ -79,13 +79,13 @@ def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
     FAULT_SUMMARY.append("worker SIGKILL mid-epoch   trials affected: 1  restarted from checkpoint: yes  results lost: 0")
 
     # NaN loss: stops at once, FAILED, not retried into the same divergence.
-    (diverged,) = by_name["plain_cnn-cropflip-s42-padding4-lr1e+06"]
+    (diverged,) = by_name["plain_cnn-cropflip-s42-widths8x16x16-lr1e+06"]
     assert diverged.info.status == "FAILED" and "training loss is" in diverged.data.tags["error"] and "diverged" in diverged.data.tags
     assert steps(client, diverged.info.run_id, metrics.TRAIN_LOSS) == []
     FAULT_SUMMARY.append("loss NaN/inf               trials affected: 1  stopped at epoch 1, FAILED  results lost: 0")
 
     # A trial that raises: FAILED with its error kept, the others unaffected.
-    raised = by_name["plain_cnn-cropflip-s42-padding-40-lr0.05"] + by_name["plain_cnn-cropflip-s42-padding-40-lr1e+06"]
+    raised = by_name["plain_cnn-cropflip-s42-widths8x16x0-lr0.05"] + by_name["plain_cnn-cropflip-s42-widths8x16x0-lr1e+06"]
     for run in raised:
         assert run.info.status == "FAILED" and "RuntimeError" in run.data.tags["error"]
     FAULT_SUMMARY.append(f"trial raises               trials affected: {len(raised)}  marked FAILED with error  results lost: 0")

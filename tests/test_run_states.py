@@ -91,6 +91,15 @@ def test_milestones_beyond_epochs_are_refused(capsys):
     code = sweep.main(["--config", str(ROOT / "experiments.yaml"), "--experiment", "cifar10-stress", "--set", "epochs=20", "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and "schedule.milestones: milestones [25, 40] are not inside epochs 1..19" in err
+    assert "use --set schedule.milestones=[10,16]" in err
+
+
+def test_a_one_epoch_smoke_test_of_the_main_study_is_told_the_setting_that_works(capsys):
+    code = sweep.main(["--config", str(ROOT / "experiments.yaml"), "--experiment", "cifar10-stress", "--set", "epochs=1", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "milestones [25, 40] are not below epochs (1: no epoch is)" in err and "use --set schedule.milestones=[]" in err
+    assert sweep.main(["--config", str(ROOT / "experiments.yaml"), "--experiment", "cifar10-stress", "--set", "epochs=1",
+                       "--set", "schedule.milestones=[]", "--dry-run"]) == 0  # the fix it names works
 
 
 # --- a stale cluster file, and what listens where ---------------------------------------------
