@@ -133,9 +133,29 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
     for data in data_configs(cfg):
         log(f"data: checking {data['name']} at {data['root']}")
         try:
-            load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
+            images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
         except (OSError, RuntimeError, ValueError) as err:
             hint = get_source(data["name"]).hint or "check data.root"
-            cause = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}" if str(err) else type(err).__name__
+            cause = f"{type(err).__name__}: {str(err).splitlines()[0][:600]}" if str(err) else type(err).__name__
             raise InputError(f"data set {data['name']!r} is not usable at {data['root']} ({cause}). Fix: {hint}") from None
+        if problem := split_problem(data, images):
+            raise InputError(f"data set {data['name']!r} at {data['root']}: {problem}")
+
+
+def split_problem(data: dict, images) -> str | None:
+    """Why the trials could not split ``images`` as ``data`` asks (each would die on it), with the setting that works."""
+    import numpy as np
+
+    classes = len(images.classes)
+    if classes < 2:
+        return f"{classes} class: a classifier needs at least two (data.num_classes for synthetic data)"
+    for key, labels in (("subset", images.train_y), ("test_subset", images.test_y)):
+        size = data.get(key)
+        if size and size < classes:
+            return (f"data.{key} {size} is below the number of classes ({classes}): 0 images per class; "
+                    f"use --set data.{key}={classes * 10} (or more), or leave it out")
+    fewest = int(np.bincount(images.train_y, minlength=classes).min())
+    if round(fewest * data.get("val_fraction", 0.0)) >= fewest:
+        return f"a class has {fewest} training image(s), all of which data.val_fraction {data['val_fraction']} puts in validation"
+    return None
 

@@ -105,10 +105,11 @@ def refuse(args: argparse.Namespace, err: ConfigError) -> int:
 
 
 def check_writable(args: argparse.Namespace) -> None:
-    """Ray's results folder (unless only a model is registered) and a local MLflow store must be writable before
-    anything starts."""
+    """The tracking store must answer (or, local, be where it can be made), and Ray's results folder (unless only a model
+    is registered) and a local MLflow store must be writable, before anything starts."""
     folders = [] if args.register_best else [Path(args.storage)]
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_store(uri, creating=not (args.register_best or args.rerun_best))
     if uri.startswith("sqlite:///"):
         folders.append(Path(uri[len("sqlite:///"):]).parent)
     for folder in folders:

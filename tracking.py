@@ -65,6 +65,33 @@ def artifact_root(uri: str) -> str | None:
     return (db.parent / "artifacts").as_uri()
 
 
+def check_store(uri: str, creating: bool) -> None:
+    """Refuse, in seconds, a tracking URI that cannot work, naming it: a server that does not answer (the MLflow client
+    retries one for minutes), a SQLite store whose folder's parent is missing (a typo would create a new, empty store
+    there) or, when only reading (``creating`` False), a SQLite file that does not exist."""
+    import urllib.error
+    import urllib.request
+
+    from schema import InputError
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()  # (no login needed: /health is open)
+        except urllib.error.HTTPError:
+            pass  # it answers: whatever it says about /health, the calls that follow say more
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise InputError(f"the MLflow tracking server {uri} does not answer ({reason}); start it, or pass another --tracking-uri "
+                             f"(or leave it out for the local store {default_tracking_uri()})") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not creating and not db.is_file():
+            raise InputError(f"no MLflow store at {uri} ({db} does not exist); pass the --tracking-uri of the sweep's store")
+        if creating and not db.parent.parent.is_dir():
+            raise InputError(f"the MLflow store {uri} would be created in {db.parent}, whose parent folder does not exist: a typo? "
+                             f"create it first, or pass another --tracking-uri")
+
+
 def client(uri: str):
     """An ``MlflowClient`` on ``uri``, creating the local store folder first."""
     from mlflow import MlflowClient

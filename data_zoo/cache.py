@@ -53,16 +53,17 @@ def load_images(name: str, root: str | None = None, cache_dir: str | Path | None
     except OSError as err:
         raise PermissionError(f"cannot create data cache folder {cache} ({err}); set data.cache_dir or STRESSLAB_CACHE") from err
     root = str(Path(root).expanduser().resolve()) if root else None
-    if name.startswith("cifar") and options.get("download") and root:
-        source.decode(root=root, **options)  # make sure the files exist before fingerprinting them
     try:
         key = cache_key(name, root, **options)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}; {source.hint}") from err
+        if not (name.startswith("cifar") and options.get("download") and root):
+            raise FileNotFoundError(f"{err}; {source.hint}") from err
+        source.decode(root=root, lock_dir=cache, **options)  # download what is missing, then fingerprint it (once: not on every call)
+        key = cache_key(name, root, **options)
     path = cache / f"{name}-{key}.npz"
     with FileLock(str(path) + ".lock"):  # one trial decodes, the others wait and read
         if not path.exists():
-            _write(path, source.decode(root=root, **options))
+            _write(path, source.decode(root=root, lock_dir=cache, **options))
     images = _read(path)
     images.digest = key
     return images

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,21 +83,27 @@ def files_fingerprint(root: Path, depth: int | None = None) -> str:
 # --- torchvision's CIFAR classes -------------------------------------------------------------
 
 
-def _cifar(cls_name: str, root: str, download: bool) -> ImageSet:
+def _cifar(cls_name: str, root: str, download: bool, lock_dir: str | Path | None = None) -> ImageSet:
     import torchvision
     from filelock import FileLock
 
     dataset_cls = getattr(torchvision.datasets, cls_name)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    with FileLock(os.path.join(root, f".{cls_name}.lock")):  # parallel trials race to download
+    # Parallel trials race to download: a lock beside the decode cache (``lock_dir``), never in ``root``, which may be a
+    # read-only shared copy that only needs reading.
+    lock = Path(lock_dir or tempfile.gettempdir()) / f"{cls_name}-{hashlib.sha256(root.encode()).hexdigest()[:12]}.download.lock"
+    with FileLock(str(lock)):
         try:
+            if download:
+                Path(root).mkdir(parents=True, exist_ok=True)
             train = dataset_cls(root, train=True, download=download)
             test = dataset_cls(root, train=False, download=download)
+        except PermissionError as err:
+            raise FileNotFoundError(f"{cls_name} is not complete under {root} and this user cannot write there to download it ({err}); "
+                                    f"point data.root at a writable folder, or at one holding the extracted batches") from err
         except Exception as err:  # torchvision: RuntimeError when missing, URLError when the download fails
-            raise FileNotFoundError(
-                f"{cls_name} not found under {root} ({err}); set data.download=true on a machine with internet, "
-                f"or point data.root at a folder holding the extracted batches"
-            ) from err
+            fix = "check the network, or point data.root at a folder holding the extracted batches" if download else \
+                "set data.download=true on a machine with internet, or point data.root at a folder holding the extracted batches"
+            raise FileNotFoundError(f"{cls_name} not found under {root} ({err}); {fix}") from err
 
     def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
         return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
@@ -113,47 +120,79 @@ CIFAR_HINT = ("set data.download=true on a machine with internet, or point data.
 
 
 @register_source("cifar10", fingerprint=_cifar_fingerprint("cifar-10-batches-py"), hint=CIFAR_HINT.format("cifar-10-batches-py"))
-def cifar10(root: str, download: bool = False, **_) -> ImageSet:
+def cifar10(root: str, download: bool = False, lock_dir: str | None = None, **_) -> ImageSet:
     """CIFAR-10 through ``torchvision.datasets.CIFAR10``."""
-    return _cifar("CIFAR10", root, download)
+    return _cifar("CIFAR10", root, download, lock_dir)
 
 
 @register_source("cifar100", fingerprint=_cifar_fingerprint("cifar-100-python"), hint=CIFAR_HINT.format("cifar-100-python"))
-def cifar100(root: str, download: bool = False, **_) -> ImageSet:
+def cifar100(root: str, download: bool = False, lock_dir: str | None = None, **_) -> ImageSet:
     """CIFAR-100 (fine labels) through ``torchvision.datasets.CIFAR100``."""
-    return _cifar("CIFAR100", root, download)
+    return _cifar("CIFAR100", root, download, lock_dir)
 
 
 # --- any train/<class>/* + test/<class>/* tree -------------------------------------------------
 
 
-def _decode_folder(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder's
+
+
+def visible(folder: Path, dirs: bool) -> list[Path]:
+    """The sub-folders (or image files) of ``folder``, sorted; hidden ones (.DS_Store, .ipynb_checkpoints) and, for files,
+    anything but images ignored, as torchvision's ImageFolder does."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and
+                  (p.is_dir() if dirs else p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+
+
+def _decode(path: Path):
+    """The image at ``path`` as 32x32 RGB CHW uint8, or the reason it is not one. A JPEG must end with its end-of-image
+    marker: OpenCV decodes a truncated one (grey below the cut) with only a warning."""
     import cv2
 
-    files = [(label, p) for label, c in enumerate(classes) for p in sorted((split_dir / c).iterdir()) if p.is_file()]
+    data = path.read_bytes()
+    if path.suffix.lower() in (".jpg", ".jpeg") and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end-of-image marker)"
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # BGR, HWC
+    if image is None:
+        return "not a readable image"
+    if image.shape[:2] != (32, 32):
+        return f"image is {image.shape[1]}x{image.shape[0]}, expected 32x32"
+    return image[:, :, ::-1].transpose(2, 0, 1)
+
+
+def _decode_folder(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    files = [(label, p) for label, c in enumerate(classes) for p in visible(split_dir / c, dirs=False)]
     images = np.empty((len(files), 3, 32, 32), dtype=np.uint8)
+    bad = []
     for i, (_, path) in enumerate(files):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # BGR, HWC
-        if image is None:
-            raise ValueError(f"{path}: not a readable image")
-        if image.shape[:2] != (32, 32):
-            raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, expected 32x32")
-        images[i] = image[:, :, ::-1].transpose(2, 0, 1)
+        image = _decode(path)
+        if isinstance(image, str):
+            bad.append(f"{path.relative_to(split_dir.parent)}: {image}")
+        else:
+            images[i] = image
+    if bad:
+        raise ValueError(f"{len(bad)} unusable image(s) under {split_dir}: {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                         "replace or remove them")
     return images, np.array([label for label, _ in files], dtype=np.int64)
 
 
 @register_source("imagefolder", fingerprint=lambda root, **_: files_fingerprint(Path(root), depth=2),
                  hint="point data.root at a folder with train/<class>/* and test/<class>/* images")
 def imagefolder(root: str, **_) -> ImageSet:
-    """``root/train/<class>/*`` and ``root/test/<class>/*``; classes sorted, files sorted by name."""
+    """``root/train/<class>/*`` and ``root/test/<class>/*``; classes sorted, files sorted by name (hidden ones ignored)."""
     base = Path(root)
     for split in ("train", "test"):
         if not (base / split).is_dir():
             raise FileNotFoundError(f"{base / split} is missing: imagefolder expects {base}/train/<class>/* and {base}/test/<class>/*")
-    classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
-    test_classes = sorted(p.name for p in (base / "test").iterdir() if p.is_dir())
+    classes = [p.name for p in visible(base / "train", dirs=True)]
+    test_classes = [p.name for p in visible(base / "test", dirs=True)]
     if classes != test_classes:
         raise ValueError(f"{base}: train classes {classes} differ from test classes {test_classes}")
+    if len(classes) < 2:
+        raise ValueError(f"{base}/train has {len(classes)} class folder(s) ({', '.join(classes) or 'none'}): a classifier needs at least two")
+    empty = [f"{split}/{c}" for split in ("train", "test") for c in classes if not visible(base / split / c, dirs=False)]
+    if empty:
+        raise ValueError(f"{base}: no images in {', '.join(empty)}")
     return ImageSet(*_decode_folder(base / "train", classes), *_decode_folder(base / "test", classes), classes)
 
 

@@ -1,0 +1,142 @@
+"""Bad input through the CLIs: each case exits 2 in seconds naming the setting, file or URI, with no traceback and no
+MLflow run; folders as people have them (hidden files, read-only copies) train normally."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import launches
+import sweep
+from analysis.__main__ import main as analysis_main
+from schema import InputError, resolve
+from tests.conftest import write_cifar, write_experiments
+
+
+def image_folder(root: Path, classes=("cat", "dog", "ship"), per_class: int = 8) -> Path:
+    """train/<class>/*.jpg and test/<class>/*.jpg of random 32x32 images."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                cv2.imwrite(str(root / split / c / f"{i:03d}.jpg"), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return root
+
+
+def refused(tmp_path, capsys, argv: list[str], main=sweep.main) -> str:
+    """Run a CLI; assert exit 2 within 30 s, no traceback, no MLflow store made; return its stderr."""
+    start = time.monotonic()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - start < 30, err
+    assert "Traceback" not in err and not (tmp_path / "mlruns" / "mlflow.db").exists()  # no store, so no run
+    return err
+
+
+def sweep_argv(tmp_path, *sets: str, uri: str | None = None) -> list[str]:
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 1}})
+    argv = ["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri or f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+            "--storage", str(tmp_path / "ray")]
+    return argv + [arg for s in sets for arg in ("--set", s)]
+
+
+def test_a_subset_below_the_number_of_classes_is_refused_with_the_setting_that_works(tmp_path, capsys):
+    err = refused(tmp_path, capsys, sweep_argv(tmp_path, "data.subset=5"))
+    assert "data.subset 5 is below the number of classes (10): 0 images per class; use --set data.subset=100" in err
+    err = refused(tmp_path, capsys, sweep_argv(tmp_path, "data.num_classes=1"))
+    assert "1 class: a classifier needs at least two" in err
+
+
+def test_a_truncated_jpeg_and_a_one_class_folder_are_refused_naming_them(tmp_path, capsys):
+    root = image_folder(tmp_path / "imgs")
+    for name in ("001.jpg", "002.jpg"):
+        path = root / "train" / "dog" / name
+        path.write_bytes(path.read_bytes()[:-200])  # cut short, as an interrupted copy leaves it
+    err = refused(tmp_path, capsys, sweep_argv(tmp_path, "data.name=imagefolder", f"data.root={root}"))
+    assert "2 unusable image(s)" in err and "train/dog/001.jpg: truncated JPEG" in err and "train/dog/002.jpg" in err
+    one = image_folder(tmp_path / "one", classes=("cat",))
+    err = refused(tmp_path, capsys, sweep_argv(tmp_path, "data.name=imagefolder", f"data.root={one}"))
+    assert f"{one}/train has 1 class folder(s) (cat): a classifier needs at least two" in err
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_a_dead_tracking_server_and_a_mistyped_store_are_refused_in_seconds_naming_the_uri(tmp_path, capsys):
+    dead = f"http://127.0.0.1:{closed_port()}"
+    err = refused(tmp_path, capsys, sweep_argv(tmp_path, uri=dead))
+    assert f"the MLflow tracking server {dead} does not answer" in err
+    for flag in ("--rerun-best", "--register-best"):
+        err = refused(tmp_path, capsys, sweep_argv(tmp_path, uri=dead) + ([flag] if flag == "--rerun-best" else [flag, "m"]))
+        assert f"{dead} does not answer" in err
+    err = refused(tmp_path, capsys, ["--experiment", "tiny", "--tracking-uri", dead, "--out", str(tmp_path / "out")], main=analysis_main)
+    assert f"{dead} does not answer" in err
+    typo = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlruns' / 'mlflow.db'}"
+    err = refused(tmp_path, capsys, sweep_argv(tmp_path, uri=typo))
+    assert f"the MLflow store {typo} would be created in" in err and "whose parent folder does not exist" in err
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+@contextlib.contextmanager
+def read_only(source: Path, target: Path):
+    """``source`` seen read-only at ``target`` (a bind mount: root, which tests run as in CI, ignores file modes)."""
+    target.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True).returncode == 0 and \
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], capture_output=True).returncode == 0
+    if not mounted:
+        subprocess.run(["umount", str(target)], capture_output=True)
+        if os.getuid() == 0:
+            pytest.skip("cannot bind-mount read-only here")
+        os.chmod(source, 0o555)  # a user other than root is held to the modes
+    try:
+        with pytest.raises(OSError):
+            (target / "probe").write_text("")
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], capture_output=True) if mounted else os.chmod(source, 0o755)
+
+
+def test_a_read_only_cifar_copy_is_used_as_it_is(tmp_path, monkeypatch):
+    """The README's /shared/cifar10: complete, and not writable by its users. No lock or download is attempted there,
+    with download true (the default) or false."""
+    write_cifar(tmp_path / "cifar", monkeypatch, hundred=False)
+    monkeypatch.setenv("STRESSLAB_CACHE", str(tmp_path / "cache"))
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {}})
+    with read_only(tmp_path / "cifar", tmp_path / "shared-cifar") as root:
+        for download in ("true", "false"):
+            _, cfg = resolve(path, "tiny", ["data.name=cifar10", f"data.root={root}", f"data.download={download}"])
+            launches.prepare_data(cfg, log=lambda *_: None)
+
+
+def test_hidden_files_and_folders_are_ignored_and_a_read_only_folder_trains(tmp_path, capsys):
+    import mlflow
+
+    from data_zoo import load_images
+
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # what Finder leaves
+    (root / "test" / "dog" / "notes.txt").write_text("not an image")
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves: not a class
+    (root / "test" / ".ipynb_checkpoints").mkdir()
+    images = load_images("imagefolder", str(root), tmp_path / "cache")
+    assert images.classes == ["cat", "dog", "ship"] and len(images.train_y) == len(images.test_y) == 24
+    with read_only(root, tmp_path / "ro") as ro:
+        path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 1, "data": {"name": "imagefolder", "val_fraction": 0.25},
+                                                                "grid": {"data.root": [str(root), str(ro)]}}})
+        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+        assert sweep.main(["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("tiny").experiment_id],
+                                                "tags.`stresslab.kind` = 'trial'")
+    assert sorted(r.info.run_name for r in runs) == ["plain_cnn-none-s42-imgs", "plain_cnn-none-s42-ro"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
