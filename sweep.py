@@ -402,7 +402,7 @@ def run_tuner(name: str, cfg: ExperimentConfig, args: argparse.Namespace, sweep:
 def pruned_trials(sweep: dict) -> dict[str, str]:
     """Trial id -> 'pruned at epoch k (asha)' for the runs of ``sweep`` a scheduler stopped (their MLflow tags say so)."""
     mlflow_client = tracking.client(sweep["tracking_uri"])
-    runs = tracking.retry(lambda: mlflow_client.search_runs([sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}'", max_results=5000))
+    runs = tracking.search_all(mlflow_client, [sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}'")
     return {r.data.tags.get(tracking.TRIAL_TAG, ""): f"pruned at epoch {r.data.tags.get(EPOCHS_TAG, '?')} ({r.data.tags[STOPPED_BY_TAG]})"
             for r in runs if r.data.tags.get(STOPPED_BY_TAG)}
 
@@ -446,8 +446,7 @@ def ui_hint(sweep: dict) -> str:
 def close_runs(uri: str, sweep: dict, parent_status: str, error: BaseException | None = None) -> None:
     """End the parent run; trial runs a killed worker left RUNNING are marked KILLED (a resume reopens them). Retried."""
     mlflow_client = tracking.client(uri)
-    left = tracking.retry(lambda: mlflow_client.search_runs(
-        [sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}' and attributes.status = 'RUNNING'"))
+    left = tracking.search_all(mlflow_client, [sweep["experiment_id"]], f"tags.`{tracking.SWEEP_TAG}` = '{sweep['sweep_id']}' and attributes.status = 'RUNNING'")
     for run in left:
         if run.info.run_id != sweep["parent_run_id"]:
             tracking.retry(lambda: mlflow_client.set_terminated(run.info.run_id, status="KILLED"))

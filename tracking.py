@@ -184,9 +184,24 @@ def driver_alive(driver: str) -> bool | None:
         return False
 
 
+PAGE_SIZE = 1000  # runs per search request (MLflow's own default and cap of one page)
+
+
+def search_all(mlflow_client, experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None) -> list:
+    """Every run matching ``filter_string``, page after page (one search returns at most a page: past it, runs were
+    silently missing), each page retried."""
+    runs, token = [], None
+    while True:
+        page = retry(lambda: mlflow_client.search_runs(experiment_ids, filter_string, order_by=order_by, max_results=PAGE_SIZE, page_token=token))
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def reap_orphans(mlflow_client, experiment_id: str) -> int:
     """Mark KILLED, with a tag saying why, the RUNNING runs whose driver on this host is gone; returns how many."""
-    runs = retry(lambda: mlflow_client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000))
+    runs = search_all(mlflow_client, [experiment_id], "attributes.status = 'RUNNING'")
     reaped = 0
     for run in runs:
         driver = run.data.tags.get(DRIVER_TAG)

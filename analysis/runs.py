@@ -159,7 +159,7 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
     if found is None:
         names = [e.name for e in mlflow_client.search_experiments()]
         raise InputError(f"no MLflow experiment {experiment!r} at {uri}; known: {', '.join(names) or 'none'}. Run the sweep first.")
-    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial'", order_by=["attributes.start_time ASC"], max_results=5000)
+    runs = tracking.search_all(mlflow_client, [found.experiment_id], f"tags.`{tracking.KIND_TAG}` = 'trial'", order_by=["attributes.start_time ASC"])
     if sweep and sweep != "all":
         sweeps = [r.data.tags.get(tracking.SWEEP_TAG) for r in runs if r.info.status == "FINISHED"]
         wanted = sorted(s for s in sweeps if s)[-1] if sweep == "latest" and any(sweeps) else sweep

@@ -140,3 +140,30 @@ def test_hidden_files_and_folders_are_ignored_and_a_read_only_folder_trains(tmp_
                                                 "tags.`stresslab.kind` = 'trial'")
     assert sorted(r.info.run_name for r in runs) == ["plain_cnn-none-s42-imgs", "plain_cnn-none-s42-ro"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_store_with_more_runs_than_a_page_gives_the_newest_sweep_and_every_run_of_it(tmp_path, monkeypatch):
+    """Runs made directly (no training), a page of 4: the older sweep's 9 runs fill the first pages of a search sorted
+    by start time; the newest sweep's 6 come after them."""
+    import metrics
+    import tracking
+    from analysis.runs import find_runs
+
+    monkeypatch.setattr(tracking, "PAGE_SIZE", 4)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(client, "paged", "", uri)
+    files = tmp_path / "files"
+    files.mkdir()
+    np.savez(files / metrics.PREDICTIONS_FILE, probs=np.full((2, 2), 0.5), labels=np.array([0, 1]), index=np.array([0, 1]), classes=np.array(["a", "b"]))
+    (files / metrics.CONFIG_FILE).write_text("arch: plain_cnn\n")
+    for sweep_id, count in (("paged-20260101-000000", 9), ("paged-20260102-000000", 6)):
+        for i in range(count):
+            run = client.create_run(experiment, run_name=f"{sweep_id}-{i}", tags={tracking.KIND_TAG: "trial", tracking.SWEEP_TAG: sweep_id})
+            client.log_artifact(run.info.run_id, str(files / metrics.PREDICTIONS_FILE))
+            client.log_artifact(run.info.run_id, str(files / metrics.CONFIG_FILE))
+            client.set_terminated(run.info.run_id)
+    newest = find_runs("paged", uri, tmp_path / "cache", "latest", log=lambda *_: None)
+    assert sorted(r.name for r in newest) == [f"paged-20260102-000000-{i}" for i in range(6)]
+    assert len(find_runs("paged", uri, tmp_path / "cache", "all", log=lambda *_: None)) == 15
+    assert len(tracking.search_all(client, [experiment], f"tags.`{tracking.SWEEP_TAG}` = 'paged-20260101-000000'")) == 9
