@@ -184,6 +184,18 @@ def driver_alive(driver: str) -> bool | None:
         return False
 
 
+TEST_IMAGES_TAG = "stresslab.test_images_sha256"
+
+
+def images_digest(images) -> str:
+    """SHA-256 of a uint8 image array's bytes (C order)."""
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
 PAGE_SIZE = 1000  # runs per search request (MLflow's own default and cap of one page)
 
 
@@ -356,6 +368,8 @@ class TrialRun:
         # name, digest): the loser's retry finds the row and only links its run to it.
         retry(lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]),
               transient=(*TRANSIENT, "unique constraint failed: datasets"))
+        # The test pixels themselves, in the order of the logged predictions: the analysis refuses other pixels.
+        set_tags(self.client, self.run_id, {TEST_IMAGES_TAG: images_digest(bundle.test.x.cpu().numpy())})
 
     def system_metrics(self):
         """A started MLflow system-metrics monitor (CPU, memory, GPU where available), or None."""

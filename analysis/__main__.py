@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", default="latest", help="which launch: latest (default), all, or a sweep id")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")
     p.add_argument("--no-log", action="store_true", help="do not log the report back to MLflow")
+    p.add_argument("--allow-data-mismatch", action="store_true", help="analyse runs whose test images or labels differ from the data "
+                                                                      "loaded now (refused by default: Grad-CAM would explain other pixels)")
     args = p.parse_args(argv)
     if bool(args.baseline) != bool(args.variant):
         p.error("--baseline and --variant go together")
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         tracking.check_store(tracking.resolve_tracking_uri(args.tracking_uri), creating=False)
         run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
-                     args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size)
+                     args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size,
+                     args.allow_data_mismatch)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import corruptions
 import metrics
 import plots
 from analysis import calibration, compare, failures as fail, gradcam, label_issues, persistent
-from analysis.runs import RunRecord, find_runs, load_model, safe_names, test_images
+from analysis.runs import RunRecord, data_mismatch, find_runs, load_model, safe_names, test_images
 from config import TrialConfig
 from schema import InputError
 
@@ -86,10 +86,25 @@ class ImageCache:
         self._cache: dict[str, tuple] = {}
 
     def get(self, run: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._get(run)[:3]
+
+    def _get(self, run: RunRecord) -> tuple:
         key = yaml.safe_dump(run.config["data"], sort_keys=True)
         if key not in self._cache:
-            self._cache[key] = test_images(run)
+            self._cache[key] = test_images(run, labels=True)
         return self._cache[key]
+
+    def check(self, runs: list[RunRecord], allow_mismatch: bool = False) -> None:
+        """Refuse (InputError naming the run) where the data loaded now is not what a run was tested on: Grad-CAM and
+        the stress tests would explain other pixels than its logged predictions; with ``allow_mismatch``, a warning."""
+        for run in runs:
+            x, _, _, labels = self._get(run)
+            if problem := data_mismatch(run, x, labels):
+                message = f"the data at {run.config['data'].get('root')} is not what run {run.name} was tested on: {problem}"
+                if not allow_mismatch:
+                    raise InputError(f"{message}. Point data.root at the run's data (the analysis reads each run's logged data "
+                                     f"settings), or pass --allow-data-mismatch if you know why")
+                log(f"warning: {message} (--allow-data-mismatch)")
 
 
 def road_positions(n_test: int, n_images: int, seed: int = 0) -> np.ndarray:
@@ -528,7 +543,8 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
                  log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 32, workers: int | None = None,
-                 adversarial_images: int | None = None, pgd_steps: int | None = None, pgd_step_size: float | None = None) -> Path:
+                 adversarial_images: int | None = None, pgd_steps: int | None = None, pgd_step_size: float | None = None,
+                 allow_data_mismatch: bool = False) -> Path:
     """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);
     return the path of the HTML report."""
     from analysis import report
@@ -540,6 +556,7 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     layers = resolve_layers(layer, runs)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
+    images.check(runs, allow_data_mismatch)
     extra = {"label_issues": label_issues_step(runs, images, out, threshold)}
     flagged = frozenset(label_issues.flagged_indices(extra["label_issues"]))
     attack = adversarial_settings(runs, (adversarial_images, pgd_steps, pgd_step_size))

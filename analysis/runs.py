@@ -64,6 +64,7 @@ class RunRecord:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     artifacts: frozenset[str] = frozenset()  # the run's top-level artifact paths
     slug: str = ""  # the run's name as a folder name of the report (safe_names: unique, no path in it)
+    test_images_sha256: str | None = None  # what the trial was tested on (tracking.TEST_IMAGES_TAG; None for older runs)
 
     @cached_property
     def config(self) -> dict:
@@ -179,7 +180,8 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
             download(uri, run.info.run_id, artifact, cache)
         history = {k: [(m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, k)] for k in metrics.EPOCH_METRICS}
         records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
-                                 run.data.metrics, cache / run.info.run_id, uri, history, artifacts))
+                                 run.data.metrics, cache / run.info.run_id, uri, history, artifacts,
+                                 test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG)))
     if not records:
         raise InputError(f"experiment {experiment!r} has no finished trial runs with test predictions (sweep {sweep}) at {uri}")
     for record, slug in zip(records, safe_names([r.name for r in records])):
@@ -202,8 +204,21 @@ def load_model(record: RunRecord, device: str = "cpu"):
     return model.to(device).eval()
 
 
-def test_images(record: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(uint8 test images in prediction order, train mean, train std) from the run's data config (decode cache)."""
+def data_mismatch(record: RunRecord, x: np.ndarray, labels: np.ndarray) -> str | None:
+    """How the test images and labels loaded now (in prediction order) differ from what the run was tested on."""
+    logged = record.predictions.labels
+    if len(labels) != len(logged) or (labels != logged).any():
+        differ = int((labels != logged).sum()) if len(labels) == len(logged) else "all"
+        return f"its test labels differ from the logged ones ({differ} of {len(logged)})"
+    now = tracking.images_digest(x)
+    if record.test_images_sha256 and now != record.test_images_sha256:
+        return f"its test images differ: SHA-256 {record.test_images_sha256[:16]}... logged, {now[:16]}... now"
+    return None
+
+
+def test_images(record: RunRecord, labels: bool = False):
+    """(uint8 test images in prediction order, train mean, train std) from the run's data config (decode cache); with
+    ``labels``, the test labels in that order after them."""
     from data_zoo import load_bundle
 
     data = dict(record.config["data"])
@@ -213,5 +228,9 @@ def test_images(record: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise InputError(f"the test images of run {record.name} are not readable here ({err}); "
                          f"point data.root at a copy: {data.get('root')}") from err
     position = {int(i): p for p, i in enumerate(bundle.test.index.numpy())}
-    order = np.array([position[int(i)] for i in record.predictions.index])
-    return bundle.test.x.numpy()[order], bundle.mean.numpy(), bundle.std.numpy()
+    try:
+        order = np.array([position[int(i)] for i in record.predictions.index])
+    except KeyError as err:
+        raise InputError(f"run {record.name} was tested on image {err.args[0]}, which the data at {data.get('root')} does not have") from None
+    loaded = (bundle.test.x.numpy()[order], bundle.mean.numpy(), bundle.std.numpy())
+    return (*loaded, bundle.test.y.numpy()[order]) if labels else loaded

@@ -136,6 +136,15 @@ def test_hidden_files_and_folders_are_ignored_and_a_read_only_folder_trains(tmp_
                                                                 "grid": {"data.root": [str(root), str(ro)]}}})
         uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
         assert sweep.main(["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")]) == 0
+        # The data changed after the sweep: one test image rewritten. The analysis refuses, naming the run and both digests.
+        cv2.imwrite(str(root / "test" / "dog" / "003.jpg"), np.full((32, 32, 3), 7, np.uint8))
+        analyse = ["--experiment", "tiny", "--tracking-uri", uri, "--out", str(tmp_path / "out"), "--no-log", "--corruption-images", "0",
+                   "--adversarial-images", "0", "--road-images", "2", "--max-cams", "2", "--workers", "1"]
+        capsys.readouterr()
+        assert analysis_main(analyse) == 2
+        err = capsys.readouterr().err
+        assert "is not what run plain_cnn-none-s42-" in err and "its test images differ: SHA-256" in err and "--allow-data-mismatch" in err
+        assert analysis_main(analyse + ["--allow-data-mismatch"]) == 0
     runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("tiny").experiment_id],
                                                 "tags.`stresslab.kind` = 'trial'")
     assert sorted(r.info.run_name for r in runs) == ["plain_cnn-none-s42-imgs", "plain_cnn-none-s42-ro"]
