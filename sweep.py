@@ -12,8 +12,10 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
+import urllib.parse
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,20 +109,29 @@ def refuse(args: argparse.Namespace, err: ConfigError) -> int:
 def check_writable(args: argparse.Namespace) -> None:
     """The tracking store must answer (or, local, be where it can be made), and Ray's results folder (unless only a model
     is registered) and a local MLflow store must be writable, before anything starts."""
+    if "://" in args.storage:  # Path() would make "s3:" a local folder, where the launch record and --resume then look
+        raise InputError(f"--storage {args.storage}: a URI; stresslab keeps its launch records (for --resume) beside Ray's results, "
+                         "in a folder: pass a local or shared folder (a bucket mounted as a folder works)")
     folders = [] if args.register_best else [Path(args.storage)]
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_store(uri, creating=not (args.register_best or args.rerun_best))
     if uri.startswith("sqlite:///"):
         folders.append(Path(uri[len("sqlite:///"):]).parent)
+        if not args.register_best:  # the runs' artifacts (weights, predictions): written at each trial's end
+            folders.append(Path(urllib.parse.urlparse(tracking.artifact_root(uri)).path))
+    need = float(os.environ.get("STRESSLAB_MIN_FREE_MB", "100")) * 2**20
     for folder in folders:
+        flag = "--storage" if folder == Path(args.storage) else "--tracking-uri"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / ".write-test"
-            probe.write_text("")
+            probe.write_bytes(b"\0" * 65536)
             probe.unlink()
         except OSError as err:
-            raise PermissionError(f"cannot write to {folder} ({err.strerror}); choose a writable folder with "
-                                  f"{'--storage' if folder == Path(args.storage) else '--tracking-uri'}") from err
+            raise PermissionError(f"cannot write to {folder} ({err.strerror}); choose a writable folder with {flag}") from err
+        if (free := shutil.disk_usage(folder).free) < need:
+            raise PermissionError(f"{folder} has {free / 2**20:.0f} MB free, below the {need / 2**20:.0f} MB a sweep needs "
+                                  f"(STRESSLAB_MIN_FREE_MB); free some space or choose another folder with {flag}")
 
 
 PATH_SETTINGS = ("data.root", "data.cache_dir")
@@ -181,8 +192,7 @@ def shared_storage_warnings(uri: str, storage: str) -> list[str]:
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         local.append(("a local SQLite MLflow store", path, Path(path).parent, "start an MLflow server on the head and pass --tracking-uri http://HEAD:5000"))
-    if "://" not in storage:
-        local.append(("--storage", storage, Path(storage), "use a shared folder or s3://"))
+    local.append(("--storage", storage, Path(storage), "use a folder every node sees"))
     found = []
     for what, path, folder, hint in local:
         kind = filesystem_type(folder)

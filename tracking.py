@@ -12,6 +12,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -392,16 +393,28 @@ class TrialRun:
             set_tags(self.client, self.run_id, tags)
 
     def log_artifacts(self, folder: str | Path) -> None:
-        if self.client:
-            retry(lambda: self.client.log_artifacts(self.run_id, str(folder)))
-
-    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
-        """Mark the run ended; a failure keeps its error with the run."""
         if not self.client:
             return
-        if error is not None:
-            self.set_tags({"error": f"{type(error).__name__}: {error}"})
-        retry(lambda: self.client.set_terminated(self.run_id, status=status))
+        try:
+            retry(lambda: self.client.log_artifacts(self.run_id, str(folder)))
+        except OSError as err:  # a full disk or a read-only artifact folder: say which folder
+            where = self.client.get_run(self.run_id).info.artifact_uri
+            raise OSError(err.errno, f"cannot store the run's artifacts in {where} ({err.strerror or err})") from err
+
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        """Mark the run ended; a failure keeps its error with the run. Called from error handlers, so it never raises: a
+        store that refuses even this (a full disk) leaves the run to the driver, which closes what its trials left."""
+        if not self.client:
+            return
+        try:
+            if error is not None:
+                self.set_tags({"error": f"{type(error).__name__}: {error}"})
+        except Exception as err:  # the status below matters more than the error text
+            print(f"warning: could not tag run {self.run_id} with its error ({err})", file=sys.stderr)
+        try:
+            retry(lambda: self.client.set_terminated(self.run_id, status=status))
+        except Exception as err:
+            print(f"warning: could not mark run {self.run_id} {status} ({err}); the driver closes it", file=sys.stderr)
 
 
 def log_pytorch_model(run: "TrialRun", model, example) -> str | None:

@@ -176,3 +176,64 @@ def test_a_store_with_more_runs_than_a_page_gives_the_newest_sweep_and_every_run
     assert sorted(r.name for r in newest) == [f"paged-20260102-000000-{i}" for i in range(6)]
     assert len(find_runs("paged", uri, tmp_path / "cache", "all", log=lambda *_: None)) == 15
     assert len(tracking.search_all(client, [experiment], f"tags.`{tracking.SWEEP_TAG}` = 'paged-20260101-000000'")) == 9
+
+
+def test_a_full_artifact_disk_mid_sweep_ends_every_run_failed_with_the_cause(tmp_path, monkeypatch):
+    """The store's artifact folder on a 4 MB tmpfs, filled once the first epoch is logged: every trial's end (weights,
+    predictions) hits ENOSPC. Every run ends FAILED or KILLED with the folder named, none RUNNING."""
+    import threading
+
+    import mlflow
+
+    artifacts = tmp_path / "mlruns" / "artifacts"
+    artifacts.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(artifacts)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        monkeypatch.setenv("STRESSLAB_MIN_FREE_MB", "1")  # the 4 MB folder passes the probe before the sweep
+        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+        path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 3, "grid": {"seed": [1, 2]}}})
+        filled = threading.Event()
+
+        def fill_after_first_epoch() -> None:
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                try:
+                    client = mlflow.MlflowClient(uri)
+                    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "metrics.epoch >= 1")
+                except Exception:
+                    runs = []
+                if runs:
+                    with contextlib.suppress(OSError), open(artifacts / "filler", "wb") as f:
+                        while True:
+                            f.write(b"\0" * 65536)
+                    filled.set()
+                    return
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=fill_after_first_epoch, daemon=True)
+        watcher.start()
+        code = sweep.main(["--config", str(path), "--experiment", "tiny", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
+        watcher.join(timeout=5)
+        assert filled.is_set() and code == 1
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        trials = [r for r in runs if r.data.tags.get("stresslab.kind") == "trial"]
+        assert len(trials) == 2 and {r.info.status for r in runs} <= {"FAILED", "KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+        for run in trials:
+            assert "cannot store the run's artifacts in" in run.data.tags["error"] and "No space left on device" in run.data.tags["error"]
+    finally:
+        subprocess.run(["umount", "-l", str(artifacts)], capture_output=True)
+
+
+def test_a_read_only_artifact_folder_and_a_uri_storage_are_refused_before_anything_starts(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with read_only(tmp_path / "empty", tmp_path / "mlruns" / "artifacts") as artifacts:
+        start = time.monotonic()
+        assert sweep.main(sweep_argv(tmp_path)) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write to {artifacts}" in err and time.monotonic() - start < 30 and not (tmp_path / "mlruns" / "mlflow.db").exists()
+    argv = sweep_argv(tmp_path)
+    argv[argv.index("--storage") + 1] = "s3://bucket/ray_results"
+    err = refused(tmp_path, capsys, argv)
+    assert "--storage s3://bucket/ray_results: a URI" in err and not Path("s3:").exists()
