@@ -1,4 +1,6 @@
 """The experiment file: every experiment validates and expands; mistakes are named and refused."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -150,3 +152,14 @@ def test_experiment_names_that_cannot_be_filters_or_folders_exit_2_before_anythi
 def test_experiment_names_with_dots_dashes_and_underscores_are_accepted(tmp_path):
     path = write_experiments(tmp_path / "e.yaml", {"cifar10_v1.2-b": {}})
     assert resolve(path, "cifar10_v1.2-b")[0] == "cifar10_v1.2-b"
+
+
+def test_paths_in_a_grid_are_made_absolute_like_the_base_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_experiments(tmp_path / "e.yaml", {"g": {"data": {"name": "imagefolder", "root": "base"},
+                                                        "grid": {"data.root": ["a", "~/b"], "data.cache_dir": {"choice": ["c"]}}}})
+    _, cfg = resolve(path, "g")
+    cfg = sweep.absolute_paths(cfg)
+    assert cfg.data.root == str(tmp_path / "base")
+    assert cfg.grid["data.root"] == [str(tmp_path / "a"), str(Path("~/b").expanduser())]
+    assert cfg.grid["data.cache_dir"] == {"choice": [str(tmp_path / "c")]}
