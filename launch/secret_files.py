@@ -39,7 +39,7 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
-def check_private(path: Path) -> Path:
+def check_owner_only(path: Path) -> Path:
     """Raise unless ``path`` is a regular file of this user, mode 0600, in a folder of mode 0700."""
     path = Path(path)
     info, folder = path.lstat(), path.parent.lstat()
@@ -61,23 +61,23 @@ def write_secret(path: Path, text: str) -> Path:
     with os.fdopen(fd, "w") as f:
         os.fchmod(f.fileno(), 0o600)  # (an existing file keeps its old mode through O_CREAT)
         f.write(text)
-    return check_private(path)
+    return check_owner_only(path)
 
 
-def make_private(path: Path) -> Path:
+def make_owner_only(path: Path) -> Path:
     """An existing secret file (e.g. one Ray wrote with the umask's 0644) made 0600 in a 0700 folder."""
     path = Path(path).expanduser()
     private_folder(path.parent)
     if path.is_symlink() or not path.is_file():
         raise SecretFileError(f"{path} is not a regular file; remove it")
     os.chmod(path, 0o600)
-    return check_private(path)
+    return check_owner_only(path)
 
 
 def ray_token(path: Path) -> Path:
     """A Ray token at ``path``: the one there made private, else a new one (256 bits, as ``ray get-auth-token`` makes)."""
     path = Path(path).expanduser()
-    return make_private(path) if path.exists() else write_secret(path, secrets.token_hex(32))
+    return make_owner_only(path) if path.exists() else write_secret(path, secrets.token_hex(32))
 
 
 def local_ray_token() -> Path | None:
@@ -102,7 +102,7 @@ def mlflow_login(folder: Path) -> dict[str, Path]:
     folder = private_folder(folder).resolve()
     files = {name: folder / f"{name}.{ext}" for name, ext in (("auth", "ini"), ("server", "env"), ("client", "env"))}
     if all(p.exists() for p in files.values()):
-        return {name: check_private(p) for name, p in files.items()}
+        return {name: check_owner_only(p) for name, p in files.items()}
     password = secrets.token_urlsafe(24)
     write_secret(files["auth"], f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{folder / 'auth.db'}\n"
                                 f"admin_username = {MLFLOW_USER}\nadmin_password = {password}\n"
