@@ -20,14 +20,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import best
-import launches
-import metrics
+from launch import best
+from launch import records as launches
+from tracking import metrics
 import tracking
 from launch import secret_files
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
-from config import ExperimentConfig
-from schema import ConfigError, InputError, as_dict, expand_grid, resolve, trial_configs
+from config.settings import ExperimentConfig
+from config.schema import ConfigError, InputError, as_dict, expand_grid, resolve, trial_configs
 
 RESULTS_DIR = tracking.PROJECT_ROOT / "ray_results"
 EPILOG = """examples:
@@ -241,7 +241,7 @@ def build_tuner(cfg: ExperimentConfig, sweep: dict, storage: str, verbose: bool 
     from ray.tune.schedulers import ASHAScheduler
 
     import trainable
-    from callbacks import MlflowStatusCallback, SweepView
+    from launch.callbacks import MlflowStatusCallback, SweepView
 
     scheduler = None
     if cfg.scheduler.name == "asha":

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import yaml
 
-import metrics
-from config import EarlyStoppingConfig, TrialConfig
+from tracking import metrics
+from config.settings import EarlyStoppingConfig, TrialConfig
 from data_zoo import Augmenter, load_bundle
-from engine import (Precision, build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate, pick_device,
+from training.engine import (Precision, build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate, pick_device,
                     pick_precision, predict, seed_everything, train_epoch)
 from model_zoo import create_model
-from schema import apply_overrides, build
+from config.schema import apply_overrides, build
 from tracking import TrialRun, log_pytorch_model, run_name
 
 STATE_FILE = "state.pt"
@@ -211,7 +211,7 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
     """Test metrics, and the artifacts analysis needs: weights, predictions, config, figures.
 
     Evaluated in fp32 (no autocast) on every device, so the logged logits, the pt2 model and Grad-CAM agree."""
-    from plots import plot_confusion, plot_curves
+    from tracking.plots import plot_confusion, plot_curves
 
     precision = Precision(None, None)
     logits, index = predict(model, bundle, bundle.test, cfg.eval_batch_size, precision, device)
@@ -255,7 +255,7 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
 def robustness(model, bundle, cfg: TrialConfig, device) -> dict:
     """The corruption stress test on a class-balanced test subset: ``requested`` and ``images`` (the subset's size),
     ``accuracy`` (per corruption, severities 1-5) and ``metrics`` (mean accuracy over severities, as logged)."""
-    from corruptions import balanced_subset, corruption_accuracy
+    from stress.corruptions import balanced_subset, corruption_accuracy
 
     labels = bundle.test.y.cpu().numpy()
     pos = balanced_subset(labels, len(bundle.classes), cfg.robustness_images)
@@ -276,7 +276,7 @@ def robustness(model, bundle, cfg: TrialConfig, device) -> dict:
 def adversarial_test(model, bundle, cfg: TrialConfig, device) -> dict:
     """FGSM and PGD accuracy per epsilon on a class-balanced test subset, on the trial's own device (the analysis reads
     ``adversarial.json`` instead of attacking again on its CPU)."""
-    import adversarial
+    from stress import adversarial
 
     labels = bundle.test.y.cpu().numpy()
     return adversarial.stress_test(model.eval(), bundle.test.x.cpu().numpy(), labels, bundle.test.index.cpu().numpy(), len(bundle.classes), cfg.adversarial_images,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tracking
 from analysis.pipeline import GALLERY_CLASSES, run_analysis
-from schema import InputError
+from config.schema import InputError
 
 EPILOG = """examples:
   python -m analysis --experiment quick

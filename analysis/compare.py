@@ -7,7 +7,7 @@ import numpy as np
 from scipy import stats
 
 from analysis.runs import Predictions, RunRecord
-from schema import InputError
+from config.schema import InputError
 
 IGNORED_PARAMS = ("data.root", "data.cache_dir", "eval_batch_size")  # where and how fast, not what
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-import adversarial
-import corruptions
-import metrics
-import plots
+from stress import adversarial
+from stress import corruptions
+from tracking import metrics
+from tracking import plots
 from analysis import calibration, compare, failures as fail, gradcam, label_issues, persistent
 from analysis.runs import RunRecord, data_mismatch, find_runs, load_model, safe_names, test_images
-from config import TrialConfig
-from schema import InputError
+from config.settings import TrialConfig
+from config.schema import InputError
 
 GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
 DEFAULT_CORRUPTION_IMAGES = 1000

@@ -17,7 +17,7 @@ import jinja2
 import markupsafe
 import numpy as np
 
-import metrics
+from tracking import metrics
 import tracking
 from analysis.label_issues import weak_ensemble_warning
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-import metrics
+from tracking import metrics
 import tracking
-from schema import InputError, load_yaml
+from config.schema import InputError, load_yaml
 
 
 @dataclass
@@ -91,7 +91,7 @@ class RunRecord:
     @cached_property
     def trial_adversarial(self) -> dict | None:
         """The FGSM/PGD test the trial ran on its own device (``adversarial: true``), or None."""
-        import adversarial
+        from stress import adversarial
 
         if metrics.ADVERSARIAL_FILE not in self.artifacts:
             return None

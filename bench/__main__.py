@@ -31,8 +31,8 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A
 
 
 def trial_config(arch: str, n_train: int, epochs: int = 1, **extra):
-    from config import TrialConfig
-    from schema import build
+    from config.settings import TrialConfig
+    from config.schema import build
 
     problems: list = []
     data = {"name": "synthetic", "n_train": n_train, "n_test": 256, "val_fraction": 0.0}
@@ -68,7 +68,7 @@ def gpu_peak_tflops(device: torch.device) -> tuple[str, float | None]:
 def stresslab_images_per_s(arch: str, n: int, device: torch.device, amp: bool = True) -> float:
     """One epoch of stresslab's own loop (device-resident uint8, batched augmentation; bf16 autocast on CUDA if ``amp``)."""
     from data_zoo import Augmenter, load_bundle
-    from engine import build_optimizer, epoch_generator, pick_precision, train_epoch
+    from training.engine import build_optimizer, epoch_generator, pick_precision, train_epoch
     from model_zoo import create_model
 
     cfg = trial_config(arch, n, amp=amp)
@@ -249,7 +249,7 @@ def main() -> None:
     p.add_argument("--gradcam-images", type=int, default=0, help="images per Grad-CAM measurement (default: 256 on CPU, 1024 on CUDA)")
     p.add_argument("--skip", nargs="*", default=[], choices=["training", "overhead", "gradcam"], help="parts to leave out")
     args = p.parse_args()
-    from engine import pick_device
+    from training.engine import pick_device
     from model_zoo import list_models
 
     device = pick_device()

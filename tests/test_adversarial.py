@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-import adversarial
+from stress import adversarial
 
 MEAN, STD = np.array([0.5, 0.4, 0.3], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import metrics
+from tracking import metrics
 import tracking
 
 from analysis import compare, failures as fail, gradcam
@@ -269,7 +269,7 @@ def test_label_issues_are_listed_and_every_failure_count_is_given_both_ways(anal
 
 def test_adversarial_accuracy_is_reported_per_run_and_epsilon(analysed, finished_sweep):
     """Every run attacked on 100 class-balanced test images; the clean figure is the logged predictions' accuracy there."""
-    from corruptions import balanced_subset
+    from stress.corruptions import balanced_subset
 
     out, path = analysed
     result = json.loads((out / "adversarial.json").read_text())

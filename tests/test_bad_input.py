@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-import launches
+from launch import records as launches
 import sweep
 from analysis.__main__ import main as analysis_main
-from schema import InputError, resolve
+from config.schema import InputError, resolve
 from tests.conftest import write_cifar, write_experiments
 
 
@@ -154,7 +154,7 @@ def test_hidden_files_and_folders_are_ignored_and_a_read_only_folder_trains(tmp_
 def test_a_store_with_more_runs_than_a_page_gives_the_newest_sweep_and_every_run_of_it(tmp_path, monkeypatch):
     """Runs made directly (no training), a page of 4: the older sweep's 9 runs fill the first pages of a search sorted
     by start time; the newest sweep's 6 come after them."""
-    import metrics
+    from tracking import metrics
     import tracking
     from analysis.runs import find_runs
 

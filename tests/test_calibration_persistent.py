@@ -56,7 +56,7 @@ def test_persistent_counts_equal_a_brute_force_count():
 
 
 def test_mce_relative_to_baseline():
-    from corruptions import mean_corruption_error
+    from stress.corruptions import mean_corruption_error
 
     base = {"a": [0.1, 0.2], "b": [0.2, 0.2]}
     assert mean_corruption_error({"a": [0.05, 0.1], "b": [0.4, 0.4]}, base) == pytest.approx((0.5 + 2.0) / 2)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 import sweep
-from schema import ConfigError, resolve, trial_configs
+from config.schema import ConfigError, resolve, trial_configs
 from tests.conftest import ROOT, TINY, write_experiments
 
 EXPECTED_TRIALS = {"resnet18-cutout": 1, "cifar10-stress": 36, "cifar100-resnet18": 1, "lr-search": 16, "quick": 6}

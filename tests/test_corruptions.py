@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import color, filters
 
-from corruptions import CORRUPTIONS, SEVERITIES, corrupt, fog_blend, plasma_fractal
+from stress.corruptions import CORRUPTIONS, SEVERITIES, corrupt, fog_blend, plasma_fractal
 
 PUBLISHED = {  # make_cifar_c.py, severities 1-5
     "gaussian_noise": [0.04, 0.06, 0.08, 0.09, 0.10],

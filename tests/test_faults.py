@@ -12,11 +12,11 @@ import time
 import mlflow
 import pytest
 
-import metrics
+from tracking import metrics
 import sweep
 import tracking
-from config import TrialConfig
-from schema import build
+from config.settings import TrialConfig
+from config.schema import build
 from tests.conftest import FAULT_SUMMARY, ROOT, TINY, write_experiments
 from tracking import TrialRun
 from trainable import fit

@@ -4,15 +4,15 @@ import dataclasses
 import pytest
 import torch
 
-import metrics
+from tracking import metrics
 from tests.conftest import TINY, write_experiments
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the GPU paths run on a machine with one")
 
 
 def tiny_cfg(**overrides):
-    from config import TrialConfig
-    from schema import build
+    from config.settings import TrialConfig
+    from config.schema import build
 
     problems: list = []
     base = {k: v for k, v in TINY.items() if k not in ("resources", "max_failures")}
@@ -22,7 +22,7 @@ def tiny_cfg(**overrides):
 
 
 def test_precision_is_bf16_or_fp16_with_a_scaler_on_cuda():
-    from engine import pick_precision
+    from training.engine import pick_precision
 
     precision = pick_precision(torch.device("cuda"), amp=True)
     if torch.cuda.is_bf16_supported():
@@ -48,7 +48,7 @@ def trained(cfg, force_fp16: bool = False):
     import contextlib
     from unittest import mock
 
-    import engine
+    from training import engine
     from tracking import TrialRun
     from trainable import fit
 
@@ -71,7 +71,7 @@ def test_amp_training_on_cuda_is_finite_and_bitwise_deterministic(force_fp16):
 
 def test_augmentation_on_the_gpu_draws_from_a_cuda_generator_and_replays():
     from data_zoo import Augmenter
-    from engine import epoch_generator
+    from training.engine import epoch_generator
 
     x = torch.randn(32, 3, 32, 32, device="cuda")
     aug = Augmenter("cutout")
@@ -99,7 +99,7 @@ def test_fractional_gpu_trials_share_one_gpu(tmp_path):
 @pytest.mark.parametrize("arch", ["plain_cnn", "residual_cnn", "se_cnn", "resnet18"])
 def test_every_model_trains_under_strict_deterministic_algorithms(arch):
     """torch raises (not warns) here on any op without a deterministic CUDA implementation."""
-    from engine import seed_everything
+    from training.engine import seed_everything
     from model_zoo import create_model
 
     seed_everything(0, deterministic=True)

@@ -43,8 +43,8 @@ class TransferCounter:
 
 
 def config(**overrides):
-    from config import TrialConfig
-    from schema import build
+    from config.settings import TrialConfig
+    from config.schema import build
 
     problems: list = []
     base = {k: v for k, v in TINY.items() if k not in ("resources", "max_failures")}
@@ -58,7 +58,7 @@ def test_a_training_step_moves_nothing_between_host_and_device(monkeypatch, augm
     """train_epoch as the trial runs it (schedule, grad clip, crop/flip/cutout): the host-device calls of an epoch do
     not grow with its steps (4 vs 8 steps), so a step makes none; the epoch reads its loss and accuracy once."""
     from data_zoo import Augmenter, load_bundle
-    from engine import Precision, build_optimizer, build_scheduler, epoch_generator, train_epoch
+    from training.engine import Precision, build_optimizer, build_scheduler, epoch_generator, train_epoch
     from model_zoo import create_model
 
     counts = {}
@@ -80,7 +80,7 @@ def test_a_training_step_moves_nothing_between_host_and_device(monkeypatch, augm
 
 def test_epoch_generator_lives_on_the_training_device_and_replays_exactly():
     from data_zoo import Augmenter
-    from engine import epoch_generator
+    from training.engine import epoch_generator
 
     assert epoch_generator(1, 2).device.type == "cpu"
     x = torch.randn(16, 3, 32, 32)
@@ -157,7 +157,7 @@ def declared_gpu_sweep(tmp_path_factory):
 
 
 def test_every_trial_finishes_on_the_server_with_its_metrics_and_artifacts(declared_gpu_sweep):
-    import metrics
+    from tracking import metrics
 
     s = declared_gpu_sweep
     assert s["swept"].returncode == 0, s["swept"].stdout[-3000:] + s["swept"].stderr[-3000:]

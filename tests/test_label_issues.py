@@ -68,11 +68,11 @@ def test_planted_flips_in_the_test_labels_of_a_trained_synthetic_run_rank_first(
 
     import torch
 
-    from config import TrialConfig
+    from config.settings import TrialConfig
     from data_zoo import load_bundle
-    from engine import Precision, predict
+    from training.engine import Precision, predict
     from model_zoo import create_model
-    from schema import build
+    from config.schema import build
     from tracking import TrialRun
     from trainable import fit
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
+from tracking import metrics
 import sweep
 import tracking
 from data_zoo import load_bundle

@@ -14,7 +14,7 @@ import mlflow
 import psutil
 import pytest
 
-import metrics
+from tracking import metrics
 import sweep
 import tracking
 from tests.conftest import ROOT, write_experiments
@@ -247,7 +247,7 @@ def test_a_store_locked_while_trials_finish_still_ends_them_finished(tmp_path, m
     """The driver's MLflow calls fail with SQLite's 'database is locked' for 3 s from the moment the first trial completes."""
     from mlflow.exceptions import MlflowException
 
-    import callbacks
+    from launch import callbacks
 
     locked_until, raised = [0.0], []
 

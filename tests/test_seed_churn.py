@@ -84,7 +84,7 @@ def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn
     trials' results; attacked again here from the logged weights, one run per architecture gives the same accuracies and first flips, and the metrics logged are those."""
     import mlflow
 
-    import adversarial
+    from stress import adversarial
     from analysis.pipeline import ImageCache
     from analysis.runs import find_runs, load_model
 
@@ -108,7 +108,7 @@ def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn
 def test_trials_with_log_model_off_log_no_model_and_register_best_names_the_setting(churn_report, capsys):
     import mlflow
 
-    import metrics
+    from tracking import metrics
 
     *_, uri, out = churn_report
     client = mlflow.MlflowClient(uri)

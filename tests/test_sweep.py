@@ -8,7 +8,7 @@ import torch
 import yaml
 from ray.tune.result import AUTO_RESULT_KEYS
 
-import metrics
+from tracking import metrics
 import sweep
 import tracking
 from tests.conftest import write_experiments
@@ -87,7 +87,7 @@ def test_git_commit_tag_is_the_checkout_head(finished_sweep):
 def test_dry_run_prints_exactly_the_seeded_points_ray_runs(tmp_path, capsys):
     from ray import tune
 
-    from schema import expand_grid, resolve
+    from config.schema import expand_grid, resolve
 
     path = write_experiments(tmp_path / "e.yaml", {"search": {"num_samples": 3, "grid": {"arch": ["plain_cnn", "se_cnn"], "optimizer.lr": {"loguniform": [0.001, 0.1]}}}})
     name, cfg = resolve(path, "search")
@@ -107,7 +107,7 @@ def test_worker_output_arriving_after_the_sweep_goes_to_its_log_not_the_terminal
     import ray
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
-    import launches
+    from launch import records as launches
 
     assert ray.is_initialized()  # the in-process sweep's Ray, with log_to_driver on
     log = tmp_path / "launch.log"

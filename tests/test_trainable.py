@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
-from schema import build
-from config import TrialConfig
+from tracking import metrics
+from config.schema import build
+from config.settings import TrialConfig
 from tests.conftest import TINY
 from trainable import DivergedError, fit
 from tracking import TrialRun
@@ -87,7 +87,7 @@ def test_early_stopping_ends_the_trial_and_still_evaluates_the_test_set():
 
 def scheduled_lrs(cfg: TrialConfig, n_train: int) -> list[float]:
     """The lr before every optimiser step of a whole run, from the scheduler ``fit`` builds."""
-    from engine import build_scheduler
+    from training.engine import build_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optimizer.lr)
     scheduler = build_scheduler(optimizer, cfg, n_train)
@@ -144,7 +144,7 @@ def test_fit_steps_the_schedule_per_batch():
 
 def test_early_stopped_trial_is_tested_with_the_best_validation_epoch(monkeypatch):
     import trainable
-    from engine import Precision, predict
+    from training.engine import Precision, predict
 
     scripted = iter([0.50, 0.90, 0.60, 0.55, 0.52, 0.51])
     real = trainable.evaluate
@@ -172,7 +172,7 @@ def test_early_stopped_trial_is_tested_with_the_best_validation_epoch(monkeypatc
 
 
 def test_adamw_trains_with_decoupled_weight_decay():
-    from engine import build_optimizer
+    from training.engine import build_optimizer
     from model_zoo import create_model
 
     cfg = tiny(optimizer={"name": "adamw", "lr": 0.01, "weight_decay": 0.05})
@@ -195,7 +195,7 @@ def test_adamw_trains_with_decoupled_weight_decay():
 def one_epoch(cfg: TrialConfig):
     """(model before, model after, train metrics) of one epoch of ``train_epoch`` on the tiny data."""
     from data_zoo import Augmenter, load_bundle
-    from engine import Precision, build_optimizer, epoch_generator, train_epoch
+    from training.engine import Precision, build_optimizer, epoch_generator, train_epoch
     from model_zoo import create_model
 
     torch.manual_seed(0)
@@ -231,7 +231,7 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
 def test_classification_report_matches_direct_computation():
     import numpy as np
 
-    from engine import classification_report
+    from training.engine import classification_report
 
     probs = np.array([[0.95, 0.05], [0.2, 0.8], [0.92, 0.08], [0.4, 0.6]])
     labels = np.array([0, 1, 1, 1])
@@ -258,7 +258,7 @@ def test_checkpoint_state_loads_weights_only(tmp_path):
 
 def test_end_of_trial_robustness_is_reported_as_metrics():
     result = fit(tiny(epochs=1, robustness=True, robustness_images=40), TrialRun(), Recorder())
-    from corruptions import CORRUPTIONS
+    from stress.corruptions import CORRUPTIONS
 
     per_corruption = [k for k in result if k.startswith("robustness/") and k != metrics.MEAN_CORRUPTION_ACC]
     assert sorted(per_corruption) == sorted(metrics.CORRUPTION_ACC.format(c) for c in CORRUPTIONS)
@@ -267,7 +267,7 @@ def test_end_of_trial_robustness_is_reported_as_metrics():
 
 
 def test_determinism_settings_follow_the_config_and_are_stated():
-    from engine import determinism, seed_everything
+    from training.engine import determinism, seed_everything
 
     try:
         seed_everything(0, deterministic=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from config import ExperimentConfig, TrialConfig, nested_configs
+from config.settings import ExperimentConfig, TrialConfig, nested_configs
 
 SEARCH_KINDS = ("choice", "uniform", "loguniform")
 TOP_KEYS = ("defaults", "default_experiment", "experiments")

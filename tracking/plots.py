@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-import metrics
+from tracking import metrics
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

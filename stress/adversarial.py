@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import metrics
-from corruptions import balanced_subset
+from tracking import metrics
+from stress.corruptions import balanced_subset
 
 EPSILONS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 

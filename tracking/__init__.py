@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-PROJECT_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"
 SWEEP_TAG = "stresslab.sweep_id"
@@ -73,7 +73,7 @@ def check_store(uri: str, creating: bool) -> None:
     import urllib.error
     import urllib.request
 
-    from schema import InputError
+    from config.schema import InputError
 
     if uri.startswith(("http://", "https://")):
         try:

@@ -14,7 +14,7 @@ import time
 
 from ray.tune import Callback
 
-import metrics
+from tracking import metrics
 import tracking
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import metrics
-from config import ScheduleConfig, TrialConfig
+from tracking import metrics
+from config.settings import ScheduleConfig, TrialConfig
 from data_zoo import Augmenter, DataBundle, Split, iterate_batches
 
 

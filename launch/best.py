@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import launches
-import metrics
+from launch import records as launches
+from tracking import metrics
 import tracking
-from config import ExperimentConfig
-from schema import InputError, load_yaml
+from config.settings import ExperimentConfig
+from config.schema import InputError, load_yaml
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 
 
@@ -84,8 +84,8 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
     """Rerun the best trial with exactly its logged config (``launch``: sweep.py's) as a new run tagged ``rerun_of``; print both."""
     import mlflow
 
-    from config import TrialConfig
-    from schema import build
+    from config.settings import TrialConfig
+    from config.schema import build
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     metric, mode = selection(cfg, args.metric)

@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from config import ExperimentConfig
-from schema import InputError, trial_configs
+from config.settings import ExperimentConfig
+from config.schema import InputError, trial_configs
 
 RECORD_FILE = "stresslab.json"
 FINISHED = "finished"
@@ -59,7 +59,7 @@ def resume_target(storage: str, name: str) -> dict:
 def ray_output_to(log: Path, enabled: bool = True):
     """Send everything this process writes to stdout and stderr (Ray's trial tables, forwarded worker logs, MLflow's
     links) to ``log``, at the file-descriptor level; the sweep view keeps writing to the real terminal."""
-    from callbacks import CONSOLE
+    from launch.callbacks import CONSOLE
 
     if not enabled:
         yield

@@ -1,0 +1,1 @@
+"""The experiment file: typed settings (``settings``), YAML loading, validation and the grid (``schema``)."""
