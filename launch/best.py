@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from launch import records as launches
+from launch.data_check import prepare_data
 from tracking import metrics
 import tracking
 from config.settings import ExperimentConfig
@@ -96,7 +96,7 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
     if problems:
         raise InputError(f"the logged config of run {best.run_id} no longer validates: {problems}")
     rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
-    launches.prepare_data(rerun)  # the data the best run was trained on, not the YAML's current data settings
+    prepare_data(rerun)  # the data the best run was trained on, not the YAML's current data settings
     print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), selected by {metric} = {best[f'metrics.{metric}']:.4f}")
     code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
     new = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'", order_by=["attributes.start_time DESC"]).iloc[0]

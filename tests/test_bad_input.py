@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from launch import records as launches
+from launch.data_check import prepare_data
 import sweep
 from analysis.__main__ import main as analysis_main
-from config.schema import InputError, resolve
+from config.schema import resolve
 from tests.conftest import write_cifar, write_experiments
 
 
@@ -116,7 +116,7 @@ def test_a_read_only_cifar_copy_is_used_as_it_is(tmp_path, monkeypatch):
     with read_only(tmp_path / "cifar", tmp_path / "shared-cifar") as root:
         for download in ("true", "false"):
             _, cfg = resolve(path, "tiny", ["data.name=cifar10", f"data.root={root}", f"data.download={download}"])
-            launches.prepare_data(cfg, log=lambda *_: None)
+            prepare_data(cfg, log=lambda *_: None)
 
 
 def test_hidden_files_and_folders_are_ignored_and_a_read_only_folder_trains(tmp_path, capsys):
@@ -158,7 +158,7 @@ def test_a_store_with_more_runs_than_a_page_gives_the_newest_sweep_and_every_run
     import tracking
     from analysis.runs import find_runs
 
-    monkeypatch.setattr(tracking, "PAGE_SIZE", 4)
+    monkeypatch.setattr(tracking.store, "PAGE_SIZE", 4)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     client = tracking.client(uri)
     experiment = tracking.ensure_experiment(client, "paged", "", uri)

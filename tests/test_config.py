@@ -6,6 +6,7 @@ import yaml
 
 import sweep
 from config.schema import ConfigError, resolve, trial_configs
+from launch.checks import absolute_paths
 from tests.conftest import ROOT, TINY, write_experiments
 
 EXPECTED_TRIALS = {"resnet18-cutout": 1, "cifar10-stress": 36, "cifar100-resnet18": 1, "lr-search": 16, "quick": 6}
@@ -159,7 +160,7 @@ def test_paths_in_a_grid_are_made_absolute_like_the_base_setting(tmp_path, monke
     path = write_experiments(tmp_path / "e.yaml", {"g": {"data": {"name": "imagefolder", "root": "base"},
                                                         "grid": {"data.root": ["a", "~/b"], "data.cache_dir": {"choice": ["c"]}}}})
     _, cfg = resolve(path, "g")
-    cfg = sweep.absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     assert cfg.data.root == str(tmp_path / "base")
     assert cfg.grid["data.root"] == [str(tmp_path / "a"), str(Path("~/b").expanduser())]
     assert cfg.grid["data.cache_dir"] == {"choice": [str(tmp_path / "c")]}

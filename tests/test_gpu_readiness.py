@@ -107,7 +107,7 @@ def test_gpu_proof_documents_itself_and_refuses_to_run_without_a_gpu(capsys):
 
 
 def test_local_stores_are_named_as_visible_to_one_node_only(tmp_path):
-    from sweep import filesystem_type, shared_storage_warnings
+    from launch.checks import filesystem_type, shared_storage_warnings
 
     assert filesystem_type(Path("/proc/self")) == "proc"
     warnings = shared_storage_warnings(f"sqlite:///{tmp_path}/mlruns/mlflow.db", str(tmp_path / "ray"))

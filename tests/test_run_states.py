@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from tracking import metrics
+import launch.tuner
 import sweep
 import tracking
 from tests.conftest import ROOT, write_experiments
@@ -190,7 +191,7 @@ def test_exceptions_after_the_parent_run_leave_nothing_running(tmp_path, monkeyp
     def boom(*args, **kwargs):
         raise RuntimeError(f"injected failure in {where}")
 
-    monkeypatch.setattr(*(sweep, "build_tuner", boom) if where == "build_tuner" else (tune.Tuner, "fit", boom))
+    monkeypatch.setattr(*(launch.tuner, "build_tuner", boom) if where == "build_tuner" else (tune.Tuner, "fit", boom))
     path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 1}})
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     with pytest.raises(RuntimeError, match="injected failure"):

@@ -88,12 +88,13 @@ def test_dry_run_prints_exactly_the_seeded_points_ray_runs(tmp_path, capsys):
     from ray import tune
 
     from config.schema import expand_grid, resolve
+    from launch.tuner import build_tuner
 
     path = write_experiments(tmp_path / "e.yaml", {"search": {"num_samples": 3, "grid": {"arch": ["plain_cnn", "se_cnn"], "optimizer.lr": {"loguniform": [0.001, 0.1]}}}})
     name, cfg = resolve(path, "search")
     points = expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed)
     assert points == expand_grid(cfg.grid, cfg.num_samples, cfg.search_seed) != expand_grid(cfg.grid, cfg.num_samples, 1)
-    tuner = sweep.build_tuner(cfg, {"sweep_id": "x", "tracking_uri": "sqlite:///unused"}, str(tmp_path / "ray"))
+    tuner = build_tuner(cfg, {"sweep_id": "x", "tracking_uri": "sqlite:///unused"}, str(tmp_path / "ray"))
     assert tuner._local_tuner.param_space["overrides"] == tune.grid_search(points)
     assert sweep.main(["--config", str(path), "--experiment", "search", "--dry-run"]) == 0
     table = capsys.readouterr().out
@@ -107,11 +108,11 @@ def test_worker_output_arriving_after_the_sweep_goes_to_its_log_not_the_terminal
     import ray
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
-    from launch import records as launches
+    from launch.console import ray_output_to
 
     assert ray.is_initialized()  # the in-process sweep's Ray, with log_to_driver on
     log = tmp_path / "launch.log"
-    with launches.ray_output_to(log):
+    with ray_output_to(log):
         os.write(1, b"during the sweep\n")  # (at the file-descriptor level, as Ray's own output)
     late = {"pid": 4242, "ip": "127.0.0.1", "localhost": "127.0.0.1", "is_err": False, "job": "", "task_name": "train",
             "actor_name": "", "lines": ["a line after the sweep (checkpoint_000007)"]}
@@ -122,3 +123,14 @@ def test_worker_output_arriving_after_the_sweep_goes_to_its_log_not_the_terminal
     text = log.read_text()
     assert "during the sweep" in text and "(train pid=4242" in text
     assert "checkpoint_000007" in text and "an error line after the sweep" in text
+
+
+def test_importing_the_cli_does_not_import_ray():
+    """sweep.main sets Ray's environment (a local Ray on loopback) before Ray is imported: the CLI module must not."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", "import sys, sweep; print('ray' in sys.modules)"], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr

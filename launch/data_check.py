@@ -1,0 +1,56 @@
+"""The data every trial of a launch will load, checked (and with ``download: true`` downloaded) once by the driver
+before Ray starts: what would fail every trial fails here, once, naming the data set, its path and the fix."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from config.schema import InputError, trial_configs
+from config.settings import ExperimentConfig
+
+
+def data_configs(cfg: ExperimentConfig) -> list[dict]:
+    """The distinct ``data`` sections the trials of ``cfg`` will load (a grid may vary them)."""
+    seen: dict[str, dict] = {}
+    for trial in trial_configs(cfg):
+        data = dataclasses.asdict(trial.data)
+        seen.setdefault(json.dumps(data, sort_keys=True, default=str), data)
+    return list(seen.values())
+
+
+def prepare_data(cfg: ExperimentConfig, log=print) -> None:
+    """Download (with ``download: true``) or check every data set the trials need, decoding it into the cache once.
+
+    Raises InputError naming the data set, its path, the cause and the fix, before any trial starts."""
+    from data_zoo import load_images
+    from data_zoo.loader import source_options
+    from data_zoo.sources import get_source
+
+    for data in data_configs(cfg):
+        log(f"data: checking {data['name']} at {data['root']}")
+        try:
+            images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
+        except (OSError, RuntimeError, ValueError) as err:
+            hint = get_source(data["name"]).hint or "check data.root"
+            cause = f"{type(err).__name__}: {str(err).splitlines()[0][:600]}" if str(err) else type(err).__name__
+            raise InputError(f"data set {data['name']!r} is not usable at {data['root']} ({cause}). Fix: {hint}") from None
+        if problem := split_problem(data, images):
+            raise InputError(f"data set {data['name']!r} at {data['root']}: {problem}")
+
+
+def split_problem(data: dict, images) -> str | None:
+    """Why the trials could not split ``images`` as ``data`` asks (each would die on it), with the setting that works."""
+    import numpy as np
+
+    classes = len(images.classes)
+    if classes < 2:
+        return f"{classes} class: a classifier needs at least two (data.num_classes for synthetic data)"
+    for key, labels in (("subset", images.train_y), ("test_subset", images.test_y)):
+        size = data.get(key)
+        if size and size < classes:
+            return (f"data.{key} {size} is below the number of classes ({classes}): 0 images per class; "
+                    f"use --set data.{key}={classes * 10} (or more), or leave it out")
+    fewest = int(np.bincount(images.train_y, minlength=classes).min())
+    if round(fewest * data.get("val_fraction", 0.0)) >= fewest:
+        return f"a class has {fewest} training image(s), all of which data.val_fraction {data['val_fraction']} puts in validation"
+    return None

@@ -1,0 +1,37 @@
+"""Each private Ray or MLflow API stresslab uses (all in tracking/private_apis.py), pinned: these fail when an upgrade
+moves or changes one, where the sweep would otherwise break or degrade silently."""
+import inspect
+from pathlib import Path
+
+import ray
+
+
+def test_ray_worker_log_dispatcher_and_printer_are_where_worker_logs_to_expects_them():
+    from ray._private import worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    assert list(inspect.signature(worker.print_worker_logs).parameters)[:2] == ["data", "print_file"]
+    assert callable(dispatcher.add_handler) and callable(dispatcher.remove_handler) and isinstance(dispatcher.handlers, list)
+
+
+def test_ray_gcs_client_answers_internal_kv_get_with_a_timeout():
+    from ray._raylet import GcsClient, InnerGcsClient  # GcsClient forwards its calls to the inner client
+
+    assert hasattr(GcsClient, "__getattr__")
+    assert list(inspect.signature(InnerGcsClient.internal_kv_get).parameters) == ["self", "key", "namespace", "timeout"]
+
+
+def test_ray_still_knows_the_system_config_key_a_local_sweep_sets():
+    from tracking.private_apis import LOCAL_RAY_SYSTEM_CONFIG
+
+    raylet = next(Path(ray.__file__).parent.glob("_raylet*.so")).read_bytes()  # Ray's C++ config names are compiled in
+    for key in LOCAL_RAY_SYSTEM_CONFIG:
+        assert key.encode() in raylet, key
+
+
+def test_mlflow_system_metrics_monitor_takes_what_a_trial_passes():
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    parameters = inspect.signature(SystemMetricsMonitor).parameters
+    assert {"run_id", "sampling_interval", "resume_logging", "tracking_uri"} <= set(parameters)
+    assert callable(SystemMetricsMonitor.start) and callable(SystemMetricsMonitor.finish)
