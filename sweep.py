@@ -14,7 +14,8 @@ import os
 import sys
 
 import tracking
-from config.schema import ConfigError, InputError, as_dict, resolve, trial_configs
+from config.errors import ConfigError, InputError
+from config.schema import as_dict, resolve, trial_configs
 from config.settings import ExperimentConfig
 from launch import best
 from launch import records

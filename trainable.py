@@ -26,7 +26,8 @@ from data_zoo import Augmenter, load_bundle
 from training.engine import (Precision, build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate, pick_device,
                     pick_precision, predict, seed_everything, train_epoch)
 from model_zoo import create_model
-from config.schema import apply_overrides, build
+from config.grid import apply_overrides
+from config.schema import build
 from tracking import TrialRun, log_pytorch_model, run_name
 
 STATE_FILE = "state.pt"

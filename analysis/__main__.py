@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tracking
 from analysis.pipeline import GALLERY_CLASSES, run_analysis
-from config.schema import InputError
+from config.errors import InputError
 
 EPILOG = """examples:
   python -m analysis --experiment quick

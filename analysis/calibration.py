@@ -5,11 +5,14 @@ on the validation split and reported beside the raw numbers; it is never applied
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+
+from analysis.runs import RunRecord
 
 BINS = 15
 
@@ -85,3 +88,11 @@ def plot_reliability(items: dict[str, tuple[np.ndarray, np.ndarray]], path: str 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def calibration_step(runs: list[RunRecord], out: Path, threshold: float) -> tuple[dict, Path]:
+    """ECE, temperature fitted on validation, confident failures before/after; reliability diagrams."""
+    summary = {r.name: calibration_summary(r.predictions, threshold) for r in runs}
+    (out / "calibration.json").write_text(json.dumps(summary, indent=1))
+    figure = plot_reliability({r.name: (r.predictions.probs, r.predictions.labels) for r in runs}, out / "reliability.png")
+    return summary, figure

@@ -1,13 +1,17 @@
 """Baseline vs variant, matched by seed: accuracy deltas, fixed/still/new failures, McNemar's test."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
-from analysis.runs import Predictions, RunRecord
-from config.schema import InputError
+from analysis import gradcam, log
+from analysis.runs import ImageCache, Predictions, RunRecord, load_model, safe_names
+from config.errors import InputError
+from tracking import plots
 
 IGNORED_PARAMS = ("data.root", "data.cache_dir", "eval_batch_size")  # where and how fast, not what
 
@@ -148,4 +152,83 @@ def stratum(name: str, rows: list[dict], churn: dict | None) -> dict:
     out["verdict"] = ("a single pair, so no interval" if len(rows) < 2 else "an improvement" if low > 0 else "a degradation" if high < 0
                       else "not distinguishable from seed noise")
     out["beyond_churn"] = beyond_churn(out, churn)
+    return out
+
+
+@dataclass
+class Comparison:
+    """Baseline vs variant over the matched pairs."""
+
+    baseline: str
+    variant: str
+    pairs: list[dict]
+    per_class: list[dict]  # pooled over every pair
+    strata: list[dict] = field(default_factory=list)  # per architecture (then pooled, marked): interval, fixed/new, seed churn
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+def infer_comparisons(runs: list[RunRecord]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Default baseline/variant pairs: augment=none vs each other augmentation, else plain_cnn vs each other arch."""
+    for key, base in (("augment", "none"), ("arch", "plain_cnn")):
+        values = sorted({r.params.get(key) for r in runs} - {None})
+        if base in values and len(values) > 1:
+            return [((key, base), (key, v)) for v in values if v != base]
+    return []
+
+
+def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tuple[str, str], images: ImageCache, out: Path,
+                 threshold: float, layers: dict[str, str]) -> Comparison | None:
+    """Matched pairs, transitions, McNemar and per-class deltas; Grad-CAM before/after for the first pair."""
+    from model_zoo import gradcam_target
+
+    pairs = pair_runs(runs, baseline, variant)
+    if not pairs:
+        log(f"no run pairs differ only in {baseline[0]} ({baseline[1]} vs {variant[1]}); comparison skipped")
+        return None
+    label = f"{baseline[0]}={baseline[1]} vs {variant[1]}"
+    rows = []
+    for base, var in pairs:
+        t = transitions(base.predictions, var.predictions, threshold)
+        rows.append({"baseline": base.name, "variant": var.name, "baseline_run_id": base.run_id, "variant_run_id": var.run_id,
+                     "arch": base.params.get("arch", "?"), "baseline_acc": float(base.predictions.correct.mean()),
+                     "variant_acc": float(var.predictions.correct.mean()), "fixed": t.fixed, "still": t.still, "new": t.new,
+                     "mcnemar": mcnemar(base.predictions.correct, var.predictions.correct)})
+    for row, p_holm in zip(rows, holm([r["mcnemar"]["p_value"] for r in rows])):
+        row["mcnemar"]["p_holm"] = p_holm
+    result = Comparison(f"{baseline[0]}={baseline[1]}", f"{variant[0]}={variant[1]}", rows, per_class_table(pairs),
+                        change_strata(runs, rows, baseline, threshold))
+    folder = out / "compare" / safe_names([f"{baseline[1]}_vs_{variant[1]}"])[0]  # param values from the store: no path
+    base, var = pairs[0]
+    shown = (rows[0]["fixed"][:4] + rows[0]["new"][:4])
+    if shown:
+        x, mean, std = images.get(base)
+        where = {int(i): p for p, i in enumerate(base.predictions.index)}
+        pos = np.array([where[i] for i in shown])
+        columns = {}
+        for tag, run in (("before", base), ("after", var)):
+            model = load_model(run)
+            columns[f"{tag}: {run.name}"] = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])),
+                                                                  gradcam.normalise(x[pos], mean, std), run.predictions.preds[pos])
+        p = base.predictions
+        titles = [f"#{i} {'fixed' if i in rows[0]['fixed'] else 'new'}: {p.classes[p.labels[q]]}; {p.classes[p.preds[q]]}->{p.classes[var.predictions.preds[q]]}"
+                  for i, q in zip(shown, pos)]
+        result.figures["before_after"] = gradcam.cam_figure(x[pos], columns, titles, folder / "gradcam_before_after.png")
+    deltas = {r["class"]: r["delta"][0] for r in result.per_class if r["class"] != "overall"}
+    result.figures["per_class_delta"] = plots.plot_bars({label: deltas}, folder / "per_class_delta.png", f"per-class accuracy change ({label})", "delta")
+    (folder / "comparison.json").write_text(json.dumps(asdict(result), indent=1, default=str))
+    return result
+
+
+def change_strata(runs: list[RunRecord], rows: list[dict], baseline: tuple[str, str], threshold: float) -> list[dict]:
+    """The change per architecture (an augmentation on plain_cnn and on resnet18 are different experiments), each beside
+    the seed churn of its baseline runs; then the pooled figure, marked as such, when there are several architectures."""
+    key, value = baseline
+    archs = sorted({r["arch"] for r in rows}) if key != "arch" else []
+    out = []
+    for arch in archs:
+        base_runs = [r for r in runs if r.params.get(key) == value and r.params.get("arch") == arch]
+        out.append(stratum(arch, [r for r in rows if r["arch"] == arch], seed_churn(base_runs, threshold)))
+    if len(out) != 1:
+        base_runs = [r for r in runs if r.params.get(key) == value]
+        out.append(stratum("pooled over architectures" if archs else "all pairs", rows, seed_churn(base_runs, threshold)))
     return out

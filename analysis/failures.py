@@ -4,12 +4,17 @@ Every category states the number it rests on; none is canned text.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from analysis.runs import Predictions
+from analysis import gradcam
+from analysis.attacks import adversarial_run
+from analysis.runs import ImageCache, Predictions, RunRecord, load_model
+from tracking import plots
 
 CENTRE = 16  # side of the central square (pixels of 32) against which border CAM mass is measured
 UNIFORM_BORDER = 1 - (CENTRE / 32) ** 2  # a CAM spread evenly puts this much mass on the border
@@ -117,3 +122,112 @@ def categorize(failures: list[dict], n_classes: int, cam_border: dict[int, float
         base = f"; {chance['ruled_out']:.0%} of all of the run's errors do" if "ruled_out" in chance else ""
         out.append(Category("true class all but ruled out", f"{len(ignored)} of {n} failures ({len(ignored) / n:.0%}) give the true class < 1% probability{base}", ignored))
     return out
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every run's analysis is given (picklable: it travels to the worker processes)."""
+
+    threshold: float
+    layers: dict[str, str]
+    max_cams: int
+    road_images: int = 32
+    label_errors: frozenset[int] = frozenset()
+    adversarial_images: int = 100
+    pgd_steps: int = 10
+    pgd_step_size: float = 0.25
+
+
+@dataclass
+class RunAnalysis:
+    """What the analysis learned about one run."""
+
+    run: RunRecord
+    failures: list[dict]
+    categories: list[Category]
+    layer: str
+    resolution: tuple[int, int]
+    road: dict[str, float] = field(default_factory=dict)  # mean ROAD of Grad-CAM and of the reference maps, on the same images
+    figures: dict[str, Path] = field(default_factory=dict)
+    adversarial: dict | None = None  # accuracy under FGSM and PGD per epsilon (adversarial.robust_accuracy)
+
+    @property
+    def failures_excluding_label_errors(self) -> list[dict]:
+        return [f for f in self.failures if not f.get("likely_label_error")]
+
+
+def road_positions(n_test: int, n_images: int, seed: int = 0) -> np.ndarray:
+    """The test positions ROAD is measured on: a seeded draw, the same for every run on the same data."""
+    return np.sort(np.random.default_rng(seed).choice(n_test, min(n_images, n_test), replace=False))
+
+
+def road_step(model, target, x: np.ndarray, mean, std, pred, n_images: int) -> tuple[dict[str, float], np.ndarray]:
+    """Mean ROAD of the predicted-class Grad-CAM and of the reference maps on ``n_images`` seeded test images; also
+    the Grad-CAM border shares there (the chance baseline of the context category)."""
+    pos = road_positions(len(pred.labels), n_images)
+    if not len(pos):
+        return {}, np.zeros(0)
+    inputs, classes = gradcam.normalise(x[pos], mean, std), pred.preds[pos]
+    cams = gradcam.compute_cams(model, target, inputs, classes)
+    maps = {"Grad-CAM": cams, **gradcam.reference_maps(len(pos), cams.shape[-1])}
+    road = {name: float(gradcam.faithfulness(model, inputs, m, classes).mean()) for name, m in maps.items()}
+    return road | {"images": len(pos)}, border_fraction(cams)
+
+
+def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSettings) -> RunAnalysis:
+    """Failures (each marked whether its test image is a likely label error), Grad-CAM and categories of one run; writes
+    failures.json and its figures."""
+    from model_zoo import gradcam_target
+
+    threshold, max_cams = settings.threshold, settings.max_cams
+    pred = run.predictions
+    found = mine_failures(pred, threshold)
+    for f in found:
+        f["likely_label_error"] = f["test_index"] in settings.label_errors
+    x, mean, std = images.get(run)
+    model = load_model(run)
+    layer = settings.layers.get(run.config["arch"])
+    target = gradcam_target(model, run.config["arch"], layer)
+    layer_name = layer or next(n for n, m in model.named_modules() if m is target)
+    explained = found[:max_cams]
+    pos = np.array([f["position"] for f in explained], dtype=int)
+    inputs = gradcam.normalise(x[pos], mean, std)
+    cams_pred = gradcam.compute_cams(model, target, inputs, [f["predicted_label"] for f in explained])
+    cams_true = gradcam.compute_cams(model, target, inputs, [f["true_label"] for f in explained])
+    border = dict(zip((f["test_index"] for f in explained), border_fraction(cams_pred).tolist()))
+    shown = min(8, len(explained))
+    road, reference_border = road_step(model, target, x, mean, std, pred, settings.road_images)
+    scores = gradcam.faithfulness(model, inputs[:shown], cams_pred[:shown], [f["predicted_label"] for f in explained[:shown]])
+    image_colours = mean_colours(x)
+    class_colours = np.stack([image_colours[pred.labels == k].mean(0) for k in range(len(pred.classes))])
+    chance = {"colour": colour_chance(image_colours, pred.labels, class_colours),
+              "ruled_out": float((pred.probs[~pred.correct, pred.labels[~pred.correct]] < 0.01).mean()) if (~pred.correct).any() else 0.0}
+    if np.isfinite(reference_border).any():
+        chance["border"] = float((reference_border[np.isfinite(reference_border)] > UNIFORM_BORDER).mean())
+    colours = image_colours[[f["position"] for f in found]] if found else None
+    categories = categorize(found, len(pred.classes), border, colours, class_colours, chance)
+    for f in explained:
+        f["cam_border_share"] = None if border[f["test_index"]] != border[f["test_index"]] else round(border[f["test_index"]], 4)
+    for f, score in zip(explained, scores):
+        f["road_score"] = round(float(score), 4)
+    result = RunAnalysis(run, found, categories, layer_name, gradcam.layer_resolution(model, target), road=road)
+    folder = out / "runs" / run.slug
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "failures.json").write_text(json.dumps({
+        "run_id": run.run_id, "run_name": run.name, "threshold": threshold, "count": len(found),
+        "count_excluding_likely_label_errors": len(result.failures_excluding_label_errors),
+        "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution), "road": road, "chance": chance,
+        "categories": [asdict(c) for c in categories], "failures": found}, indent=1))
+    titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:24]]
+    road_titles = [t + (f" ROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
+    if found:
+        result.figures["failures"] = gradcam.image_grid(x[[f["position"] for f in found[:24]]], titles, folder / "failures_grid.png")
+        result.figures["gradcam"] = gradcam.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},
+                                                       road_titles[:shown], folder / "gradcam_failures.png")
+    confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
+    result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)
+    if settings.adversarial_images > 0:
+        result.adversarial, figure = adversarial_run(model, target, x, mean, std, pred, settings, folder, run.trial_adversarial)
+        if figure:
+            result.figures["adversarial"] = figure
+    return result

@@ -16,6 +16,9 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from analysis.runs import RunRecord
+from config.errors import InputError
+
 
 def normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> the float input the model was trained on."""
@@ -110,3 +113,37 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, colu
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
+
+
+def resolve_layers(spec: str | None, runs: list[RunRecord]) -> dict[str, str]:
+    """``--layer`` as architecture -> module path, checked against every run's model before any work.
+
+    ``layer3`` applies to every architecture; ``resnet18=layer3,plain_cnn=stages.1`` names one per architecture
+    (the others keep their registered layer). Raises InputError listing the layers each architecture has."""
+    import torch
+
+    from model_zoo import create_model
+
+    if not spec:
+        return {}
+    configs = {r.config["arch"]: r for r in runs}
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) == 1 and "=" not in parts[0]:
+        layers = {arch: parts[0] for arch in configs}
+    elif all("=" in p for p in parts):
+        layers = dict(p.split("=", 1) for p in parts)
+    else:
+        raise InputError(f"--layer {spec!r}: give one module path (layer3) or ARCH=PATH pairs (resnet18=layer3,plain_cnn=stages.1)")
+    problems = []
+    for arch, path in layers.items():
+        if arch not in configs:
+            problems.append(f"{arch}: no run of this sweep uses it (architectures: {', '.join(sorted(configs))})")
+            continue
+        with torch.device("meta"):
+            model = create_model(arch, len(configs[arch].predictions.classes), **configs[arch].config.get("model", {}))
+        names = [n for n, _ in model.named_modules() if n and n.count(".") <= 1]
+        if path not in dict(model.named_modules()):
+            problems.append(f"{arch} has no layer {path!r}; its layers: {', '.join(names)}")
+    if problems:
+        raise InputError(f"--layer {spec}: " + "; ".join(problems) + ". Name a layer per architecture, e.g. --layer resnet18=layer3")
+    return layers

@@ -6,10 +6,14 @@ often a wrong or ambiguous label rather than a model failure; the report counts 
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
+from analysis import gradcam, log
 from analysis.persistent import failure_matrix
-from analysis.runs import RunRecord
+from analysis.runs import ImageCache, RunRecord
 
 # Confident learning's per-class thresholds are the models' mean self-confidence, so weak models make it flag widely
 # (6 quick-experiment runs at ~60% accuracy: 2,417 of CIFAR-10's 10,000 test images flagged); Northcutt et al. used
@@ -62,3 +66,22 @@ def weak_ensemble_warning(result: dict) -> str:
 def flagged_indices(result: dict | None) -> set[int]:
     """Test indices flagged as likely label errors (empty without a result)."""
     return {c["test_index"] for c in result["candidates"] if c["flagged"]} if result else set()
+
+
+def label_issues_step(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float, shown: int = 24) -> dict | None:
+    """label_issues.json: the test images most likely mislabelled (cleanlab on the runs' mean probabilities), and a grid of
+    the top ``shown`` with the given and the suggested label."""
+    try:
+        result = label_issues(runs, threshold)
+    except ValueError as err:  # e.g. a class absent from the test labels
+        log(f"label issues skipped: {err}")
+        return None
+    (out / "label_issues.json").write_text(json.dumps(result, indent=1))
+    top = [c for c in result["candidates"] if c["flagged"]][:shown]
+    if top:
+        x, _, _ = images.get(runs[0])
+        titles = [f"#{c['test_index']} given {c['given_class']}, suggested {c['suggested_class']} ({c['quality']:.2f})" for c in top]
+        result["figure"] = gradcam.image_grid(x[[c["position"] for c in top]], titles, out / "label_issues.png")
+    log(f"label issues: {result['count']} of {result['test_images']} test images flagged as likely mislabelled (the runs' mean prediction "
+        f"{result['ensemble_accuracy']:.1%} right" + ("; too weak for this count to be trusted)" if result["weak_ensemble"] else ")"))
+    return result

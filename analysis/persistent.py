@@ -5,11 +5,14 @@ For every test image, how many runs of an experiment misclassify it with high co
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
-from analysis.runs import RunRecord
+from analysis import gradcam
+from analysis.runs import ImageCache, RunRecord
 
 
 def failure_matrix(runs: list[RunRecord], threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -57,3 +60,27 @@ def usual_prediction(runs: list[RunRecord], test_index: int) -> tuple[str, int]:
     position = int(np.flatnonzero(runs[0].predictions.index == test_index)[0])
     preds = Counter(r.predictions.classes[r.predictions.preds[position]] for r in runs)
     return preds.most_common(1)[0]
+
+
+def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, threshold: float, label_errors: frozenset[int] = frozenset()) -> dict | None:
+    """Images (nearly) every run gets confidently wrong vs failures that depend on seed or setting; those among them that
+    label_issues.json flags as likely label errors."""
+    if len(runs) < 2:
+        return None
+    groups = split_groups(runs, threshold)
+    keys = [k for k in ("augment", "arch", "seed") if len({r.params.get(k) for r in runs}) > 1]
+    result = {"runs": len(runs), "counts": persistent_counts(runs, threshold), "groups": groups,
+              "likely_label_errors": {name: sorted(set(indices) & label_errors) for name, indices in groups.items()},
+              "fixes": {k: fixes_by_setting(runs, groups, k) for k in keys}}
+    (out / "persistent.json").write_text(json.dumps(result, indent=1))
+    shown = groups["persistent"][:24]
+    if shown:
+        x, _, _ = images.get(runs[0])
+        p = runs[0].predictions
+        pos = [int(np.flatnonzero(p.index == i)[0]) for i in shown]
+        titles = []
+        for i, q in zip(shown, pos):
+            usual, n = usual_prediction(runs, i)
+            titles.append(f"#{i} {p.classes[p.labels[q]]}->{usual} ({result['counts'][i]}/{len(runs)})")
+        result["figure"] = gradcam.image_grid(x[pos], titles, out / "persistent_failures.png")
+    return result

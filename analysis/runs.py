@@ -14,10 +14,13 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from tracking import metrics
 import tracking
-from config.schema import InputError, load_yaml
+from analysis import log
+from config.errors import InputError
+from config.yaml12 import load_yaml
+from tracking import metrics
 
 
 @dataclass
@@ -234,3 +237,31 @@ def test_images(record: RunRecord, labels: bool = False):
         raise InputError(f"run {record.name} was tested on image {err.args[0]}, which the data at {data.get('root')} does not have") from None
     loaded = (bundle.test.x.numpy()[order], bundle.mean.numpy(), bundle.std.numpy())
     return (*loaded, bundle.test.y.numpy()[order]) if labels else loaded
+
+
+class ImageCache:
+    """Test images per data config: runs on the same data share one decode."""
+
+    def __init__(self):
+        self._cache: dict[str, tuple] = {}
+
+    def get(self, run: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._get(run)[:3]
+
+    def _get(self, run: RunRecord) -> tuple:
+        key = yaml.safe_dump(run.config["data"], sort_keys=True)
+        if key not in self._cache:
+            self._cache[key] = test_images(run, labels=True)
+        return self._cache[key]
+
+    def check(self, runs: list[RunRecord], allow_mismatch: bool = False) -> None:
+        """Refuse (InputError naming the run) where the data loaded now is not what a run was tested on: Grad-CAM and
+        the stress tests would explain other pixels than its logged predictions; with ``allow_mismatch``, a warning."""
+        for run in runs:
+            x, _, _, labels = self._get(run)
+            if problem := data_mismatch(run, x, labels):
+                message = f"the data at {run.config['data'].get('root')} is not what run {run.name} was tested on: {problem}"
+                if not allow_mismatch:
+                    raise InputError(f"{message}. Point data.root at the run's data (the analysis reads each run's logged data "
+                                     f"settings), or pass --allow-data-mismatch if you know why")
+                log(f"warning: {message} (--allow-data-mismatch)")

@@ -5,9 +5,7 @@ model 'resnet19'; known: ...``) and all of them at once, before Ray or MLflow is
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import itertools
 import math
 import re
 import typing
@@ -16,56 +14,15 @@ from typing import Any
 
 import yaml
 
+from config.errors import ConfigError
+from config.grid import apply_overrides, deep_merge, expand_grid, grid_candidates, parse_sets, set_path
 from config.settings import ExperimentConfig, TrialConfig, nested_configs
+from config.yaml12 import load_yaml
 
-SEARCH_KINDS = ("choice", "uniform", "loguniform")
 TOP_KEYS = ("defaults", "default_experiment", "experiments")
 # An experiment's name becomes an MLflow filter value, a folder under --storage and the artifact folder, and a sweep id.
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 EXPERIMENT_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with a dot"
-
-
-class ConfigError(ValueError):
-    """One or more problems in the experiment file; ``str()`` lists them, a line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
-
-
-class InputError(ValueError):
-    """Bad input found past the YAML (no such runs, launch or data): the CLIs exit with code 2."""
-
-
-# --- YAML with the number and boolean rules of YAML 1.2 --------------------------------------
-
-
-class Yaml12Loader(yaml.SafeLoader):
-    """``safe_load`` with YAML 1.2's core schema for scalars: ``1e-3``, ``5e-4`` and ``.5`` are floats (YAML 1.1,
-    PyYAML's default, reads the first two as strings), ``017`` is 17, and only true/false are booleans
-    (``no``, ``off``, ``yes``, ``on`` stay strings; ``12:30`` is not a base-60 number)."""
-
-
-Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
-Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
-Yaml12Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _yaml12_int(loader.construct_scalar(node)))
-
-
-def _yaml12_int(text: str) -> int:
-    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
-    return int(text[2:] if base != 10 else text, base)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text with YAML 1.2 scalars (``Yaml12Loader``): what every config file and ``--set`` value goes through."""
-    return yaml.load(text, Loader=Yaml12Loader)
 
 
 # --- dict -> dataclass, with path-named type errors ------------------------------------------
@@ -144,105 +101,6 @@ def registry_problems(cfg: TrialConfig) -> list[tuple[str, str]]:
     if cfg.data.name not in sources.list_datasets():
         out.append(("data.name", f"unknown dataset {cfg.data.name!r}; known: {', '.join(sources.list_datasets())}"))
     return out
-
-
-# --- dotted paths, merging, overrides ---------------------------------------------------------
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """``base`` updated by ``override``, recursing into mappings (lists are replaced whole)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
-    return out
-
-
-def set_path(data: dict, dotted: str, value: Any) -> dict:
-    """Copy of ``data`` with ``a.b.c`` set to ``value`` (intermediate mappings created)."""
-    out = copy.deepcopy(data)
-    node = out
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError([f"--set {dotted}: {key!r} is not a mapping"])
-    node[leaf] = value
-    return out
-
-
-def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    """``['epochs=2', 'data.name=imagefolder']`` -> {'epochs': 2, 'data.name': 'imagefolder'} (YAML-typed)."""
-    out = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE, e.g. --set epochs=2"])
-        out[key.strip()] = load_yaml(raw) if raw.strip() else None
-    return out
-
-
-# --- the search space -------------------------------------------------------------------------
-
-
-def grid_candidates(key: str, spec: Any, where: str, problems: list[tuple[str, str]]) -> list[tuple[str, Any]]:
-    """(path, value) pairs to validate for one grid entry: every listed value, or a range's bounds."""
-    if isinstance(spec, list):
-        if not spec:
-            problems.append((where, "an empty list: give at least one value"))
-        return [(f"{where}[{i}]", v) for i, v in enumerate(spec)]
-    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS:
-        kind, args = next(iter(spec.items()))
-        if kind == "choice":
-            return grid_candidates(key, args, f"{where}.choice", problems)
-        if not (isinstance(args, list) and len(args) == 2 and all(_type_ok(a, float) for a in args) and args[0] < args[1]):
-            problems.append((f"{where}.{kind}", f"expected [low, high] numbers with low < high, got {args!r}"))
-            return []
-        if kind == "loguniform" and args[0] <= 0:
-            problems.append((f"{where}.{kind}", f"loguniform needs low > 0, got {args[0]}"))
-        return [(f"{where}.{kind}[{i}]", float(a)) for i, a in enumerate(args)]
-    problems.append((where, f"expected a list (grid) or one of {{{', '.join(k + ': ...' for k in SEARCH_KINDS)}}}, got {spec!r}"))
-    return []
-
-
-def grid_trials(grid: dict) -> int:
-    """Number of grid points (random-search entries count once; num_samples multiplies)."""
-    sizes = [len(v) for v in grid.values() if isinstance(v, list)]
-    return int(max(1, __import__("math").prod(sizes)))
-
-
-def expand_grid(grid: dict, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Concrete override dicts, one per trial, in Ray's order (grid product x samples). For dry runs."""
-    import random
-
-    rng = random.Random(seed)
-    lists = {k: v for k, v in grid.items() if isinstance(v, list)}
-    out = []
-    for _ in range(num_samples):
-        for combo in itertools.product(*lists.values()) if lists else [()]:
-            point = dict(zip(lists, combo))
-            for key, spec in grid.items():
-                if isinstance(spec, dict):
-                    point[key] = _sample(spec, rng)
-            out.append(point)
-    return out
-
-
-def _sample(spec: dict, rng) -> Any:
-    import math
-
-    kind, args = next(iter(spec.items()))
-    if kind == "choice":
-        return rng.choice(args)
-    if kind == "uniform":
-        return rng.uniform(*args)
-    return math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))
-
-
-def apply_overrides(trial: dict, overrides: dict[str, Any]) -> dict:
-    """A trial dict with each dotted ``overrides`` key set (one grid point)."""
-    for key, value in overrides.items():
-        trial = set_path(trial, key, value)
-    return trial
 
 
 # --- whole-file validation --------------------------------------------------------------------

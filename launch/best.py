@@ -16,7 +16,8 @@ from launch.data_check import prepare_data
 from tracking import metrics
 import tracking
 from config.settings import ExperimentConfig
-from config.schema import InputError, load_yaml
+from config.errors import InputError
+from config.yaml12 import load_yaml
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG
 
 

@@ -11,7 +11,7 @@ import urllib.parse
 from pathlib import Path
 
 import tracking
-from config.schema import ConfigError, InputError
+from config.errors import ConfigError, InputError
 from config.settings import ExperimentConfig
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from config.schema import InputError, trial_configs
+from config.errors import InputError
+
+from config.schema import trial_configs
 from config.settings import ExperimentConfig
 
 

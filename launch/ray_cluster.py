@@ -6,7 +6,7 @@ import json
 import os
 
 import tracking
-from config.schema import InputError
+from config.errors import InputError
 from launch import secret_files
 from tracking.private_apis import LOCAL_RAY_SYSTEM_CONFIG, refuses_token
 

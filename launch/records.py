@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from config.schema import InputError
+from config.errors import InputError
 
 RECORD_FILE = "stresslab.json"
 FINISHED = "finished"

@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import tracking
-from config.schema import InputError, expand_grid
+from config.errors import InputError
+from config.grid import expand_grid
 from config.settings import ExperimentConfig
 from launch import records
 from launch.checks import check_gpus, shared_storage_warnings

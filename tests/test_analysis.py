@@ -287,7 +287,9 @@ def test_adversarial_accuracy_is_reported_per_run_and_epsilon(analysed, finished
 
 
 def test_runs_analysed_in_worker_processes_give_what_one_process_gives(analysed, finished_sweep, tmp_path):
-    from analysis.pipeline import ImageCache, RunSettings, analyse_runs
+    from analysis.failures import RunSettings
+    from analysis.runs import ImageCache
+    from analysis.workers import analyse_runs
 
     out, _ = analysed
     runs = find_runs("tiny", finished_sweep["uri"], out / ".artifacts")

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 import sweep
-from config.schema import ConfigError, resolve, trial_configs
+from config.errors import ConfigError
+from config.schema import resolve, trial_configs
 from launch.checks import absolute_paths
 from tests.conftest import ROOT, TINY, write_experiments
 

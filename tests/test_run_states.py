@@ -215,7 +215,7 @@ def test_orphans_are_reaped_and_a_failed_restore_or_upload_leaves_nothing_runnin
 
     from ray import tune
 
-    from analysis.report import log_analysis_run
+    from analysis.logged import log_analysis_run
 
     path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 1}})
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"

@@ -58,7 +58,8 @@ def test_the_trials_corruption_test_is_reused_and_equals_the_analysis_own(churn_
     import mlflow
     import numpy as np
 
-    from analysis.pipeline import ImageCache, robustness_step
+    from analysis.robustness import robustness_step
+    from analysis.runs import ImageCache
     from analysis.runs import find_runs
 
     *_, uri, out = churn_report
@@ -85,7 +86,7 @@ def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn
     import mlflow
 
     from stress import adversarial
-    from analysis.pipeline import ImageCache
+    from analysis.runs import ImageCache
     from analysis.runs import find_runs, load_model
 
     *_, uri, out = churn_report

@@ -87,7 +87,9 @@ def test_git_commit_tag_is_the_checkout_head(finished_sweep):
 def test_dry_run_prints_exactly_the_seeded_points_ray_runs(tmp_path, capsys):
     from ray import tune
 
-    from config.schema import expand_grid, resolve
+    from config.grid import expand_grid
+
+    from config.schema import resolve
     from launch.tuner import build_tuner
 
     path = write_experiments(tmp_path / "e.yaml", {"search": {"num_samples": 3, "grid": {"arch": ["plain_cnn", "se_cnn"], "optimizer.lr": {"loguniform": [0.001, 0.1]}}}})

@@ -52,7 +52,7 @@ def check_store(uri: str, creating: bool) -> None:
     import urllib.error
     import urllib.request
 
-    from config.schema import InputError
+    from config.errors import InputError
 
     if uri.startswith(("http://", "https://")):
         try:
