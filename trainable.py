@@ -169,14 +169,7 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
 
     # 4. Resume: weights, optimiser, schedule, scaler and RNG exactly where the checkpoint left them.
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if precision.scaler is not None and state.get("scaler"):
-            precision.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch = state["epoch"]
-        best = {k: state[k] for k in ("best_model", "best_epoch") if k in state}
+        start_epoch, best = restore(state, model, optimizer, scheduler, precision)
     step_model = torch.compile(model) if cfg.compile else model
 
     # 5. Epochs: train (the lr schedule steps per batch), validate, log to MLflow, report to Tune with a checkpoint.
@@ -206,6 +199,17 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
         if last:
             break
     return values
+
+
+def restore(state: dict, model, optimizer, scheduler, precision) -> tuple[int, dict]:
+    """Load a checkpoint's weights, optimiser, schedule, scaler and RNG; return (epochs done, best epoch so far)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if precision.scaler is not None and state.get("scaler"):
+        precision.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    return state["epoch"], {k: state[k] for k in ("best_model", "best_epoch") if k in state}
 
 
 def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, test_epoch: int) -> dict[str, float]:
@@ -256,18 +260,11 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
 def robustness(model, bundle, cfg: TrialConfig, device) -> dict:
     """The corruption stress test on a class-balanced test subset: ``requested`` and ``images`` (the subset's size),
     ``accuracy`` (per corruption, severities 1-5) and ``metrics`` (mean accuracy over severities, as logged)."""
-    from stress.corruptions import balanced_subset, corruption_accuracy
+    from stress.corruptions import first_per_class, classifier, corruption_accuracy
 
     labels = bundle.test.y.cpu().numpy()
-    pos = balanced_subset(labels, len(bundle.classes), cfg.robustness_images)
-    model.eval()
-
-    @torch.inference_mode()
-    def classify(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).to(device)
-        out = [model(bundle.normalise(x[i : i + cfg.eval_batch_size])).argmax(1) for i in range(0, len(x), cfg.eval_batch_size)]
-        return torch.cat(out).cpu().numpy()
-
+    pos = first_per_class(labels, len(bundle.classes), cfg.robustness_images)
+    classify = classifier(model, bundle.mean, bundle.std, cfg.eval_batch_size, device)
     accuracy = corruption_accuracy(classify, bundle.test.x.cpu().numpy()[pos], labels[pos])
     values = {metrics.CORRUPTION_ACC.format(name): float(np.mean(acc)) for name, acc in accuracy.items()}
     values[metrics.MEAN_CORRUPTION_ACC] = float(np.mean(list(values.values())))

@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import tracking
+from analysis.failures import ROAD_IMAGES
 from analysis.pipeline import GALLERY_CLASSES, run_analysis
 from config.errors import InputError
+from config.settings import TrialConfig
+from tracking import metrics
 
 EPILOG = """examples:
   python -m analysis --experiment quick
@@ -24,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", required=True, help="MLflow experiment (= YAML experiment name)")
     p.add_argument("--baseline", help="selector of the baseline runs, KEY=VALUE on a logged param (e.g. augment=none)")
     p.add_argument("--variant", help="selector of the variant runs, same KEY (e.g. augment=cutout)")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence above which an error is a failure (default 0.9)")
+    p.add_argument("--threshold", type=float, default=metrics.CONFIDENCE_THRESHOLD, help="confidence above which an error is a failure (default %(default)s)")
     p.add_argument("--out", help="output folder (default reports/<experiment>)")
     p.add_argument("--layer", help="Grad-CAM target layer by module path, for every architecture (layer3) or per architecture "
                                    "(resnet18=layer3,plain_cnn=stages.1); default: each model's registered layer")
@@ -33,14 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corruption-images", type=int, help="class-balanced test images for the corruption stress test (0: skip). Default: the "
                                                           "trials' own test where every run ran it (robustness: true), read from its logs; "
                                                           "else 1000. Runs whose trial tested the same subset are read, not recomputed")
-    p.add_argument("--road-images", type=int, default=32, help="seeded test images per run on which Grad-CAM's ROAD faithfulness is measured, "
-                                                               "beside a random map's and a centred blob's (default 32)")
+    p.add_argument("--road-images", type=int, default=ROAD_IMAGES, help="seeded test images per run on which Grad-CAM's ROAD "
+                                                                        "faithfulness is measured, beside a random map's and a centred blob's "
+                                                                        "(default %(default)s)")
     p.add_argument("--adversarial-images", type=int, help="class-balanced test images per run attacked with FGSM and PGD at epsilon 1, 2, 4, "
                                                            "8 /255 (0: skip). Default, with --pgd-steps and --pgd-step-size: the trials' own "
                                                            "test where every run ran it with the same settings (adversarial: true), read from "
-                                                           "its logs; else 100 images, 10 steps of 0.25 epsilon")
-    p.add_argument("--pgd-steps", type=int, help="PGD iterations after the FGSM start (default: the trials', else 10)")
-    p.add_argument("--pgd-step-size", type=float, help="PGD step as a fraction of epsilon (default: the trials', else 0.25)")
+                                                           f"its logs; else {TrialConfig.adversarial_images} images, {TrialConfig.adversarial_steps} steps of "
+                                                           f"{TrialConfig.adversarial_step_size} epsilon")
+    p.add_argument("--pgd-steps", type=int, help=f"PGD iterations after the FGSM start (default: the trials', else {TrialConfig.adversarial_steps})")
+    p.add_argument("--pgd-step-size", type=float, help=f"PGD step as a fraction of epsilon (default: the trials', else {TrialConfig.adversarial_step_size})")
     p.add_argument("--workers", type=int, help="processes analysing runs in parallel (default: one per usable core, at most one per 8 runs)")
     p.add_argument("--sweep", default="latest", help="which launch: latest (default), all, or a sweep id")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite in ./mlruns)")

@@ -12,6 +12,7 @@ import numpy as np
 from analysis import gradcam
 from analysis.runs import RunRecord
 from config.settings import TrialConfig
+from data_zoo.loader import standardise
 from stress import adversarial
 from tracking import plots
 
@@ -44,9 +45,9 @@ def adversarial_run(model, target, x: np.ndarray, mean, std, pred, settings: Run
     y = torch.as_tensor(pred.labels[chosen]).long()
     adv = torch.cat([adversarial.pgd(model, clean[i : i + 1], y[i : i + 1], e, m, s, settings.pgd_steps, settings.pgd_step_size) for i, (e, _) in enumerate(flips)])
     with torch.no_grad():
-        after = model((adv - m) / s).argmax(1).numpy()
-    before_cams = gradcam.compute_cams(model, target, (clean - m) / s, pred.preds[chosen])
-    after_cams = gradcam.compute_cams(model, target, (adv - m) / s, after)
+        after = model(standardise(adv, m, s)).argmax(1).numpy()
+    before_cams = gradcam.compute_cams(model, target, standardise(clean, m, s), pred.preds[chosen])
+    after_cams = gradcam.compute_cams(model, target, standardise(adv, m, s), after)
     titles = [f"#{pred.index[q]} {pred.classes[pred.labels[q]]}->{pred.classes[a]} at {e * 255:.0f}/255" for (e, q), a in zip(flips, after)]
     figure = gradcam.cam_figure(x[chosen], {"Grad-CAM: clean prediction": before_cams, "Grad-CAM: after PGD": after_cams}, titles,
                                 folder / "adversarial_flips.png")

@@ -9,19 +9,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 import torch
 from matplotlib.figure import Figure
 
 from analysis.runs import RunRecord
+from tracking import metrics
 
 BINS = 15
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,14 +53,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def calibration_summary(pred, threshold: float) -> dict:
     """ECE before/after temperature scaling and how the confident-failure count moves with it."""
-    out = {"ece": ece(pred.probs, pred.labels), "confident_failures": int((~pred.correct & (pred.confidence > threshold)).sum())}
+    out = {"ece": ece(pred.probs, pred.labels), "confident_failures": int(pred.confident_failures(threshold).sum())}
     if pred.logits is None or pred.val_logits is None:
         return out | {"temperature": None}
     t = fit_temperature(pred.val_logits, pred.val_labels)
-    scaled = softmax(pred.logits, t)
-    wrong = scaled.argmax(1) != pred.labels
+    scaled = softmax(pred.logits / t, axis=1)
     return out | {"temperature": t, "ece_scaled": ece(scaled, pred.labels),
-                  "confident_failures_scaled": int((wrong & (scaled.max(1) > threshold)).sum())}
+                  "confident_failures_scaled": int(metrics.confident_errors(scaled, pred.labels, threshold).sum())}
 
 
 def plot_reliability(items: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 from scipy import stats
 
 from analysis import gradcam, log
+from data_zoo.loader import normalise
 from analysis.runs import ImageCache, Predictions, RunRecord, load_model, safe_names
 from config.errors import InputError
 from tracking import plots
@@ -49,8 +50,7 @@ def transitions(base: Predictions, variant: Predictions, threshold: float) -> Tr
     New: variant confidently wrong, baseline right."""
     if not np.array_equal(base.index, variant.index):
         raise ValueError("the two runs were evaluated on different test images; compare runs on the same data")
-    base_fail = ~base.correct & (base.confidence > threshold)
-    var_fail = ~variant.correct & (variant.confidence > threshold)
+    base_fail, var_fail = base.confident_failures(threshold), variant.confident_failures(threshold)
     pick = lambda mask: sorted(int(i) for i in base.index[mask])
     return Transitions(pick(base_fail & variant.correct), pick(base_fail & ~variant.correct), pick(var_fail & base.correct))
 
@@ -208,7 +208,7 @@ def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tupl
         for tag, run in (("before", base), ("after", var)):
             model = load_model(run)
             columns[f"{tag}: {run.name}"] = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])),
-                                                                  gradcam.normalise(x[pos], mean, std), run.predictions.preds[pos])
+                                                                  normalise(x[pos], mean, std), run.predictions.preds[pos])
         p = base.predictions
         titles = [f"#{i} {'fixed' if i in rows[0]['fixed'] else 'new'}: {p.classes[p.labels[q]]}; {p.classes[p.preds[q]]}->{p.classes[var.predictions.preds[q]]}"
                   for i, q in zip(shown, pos)]

@@ -13,18 +13,21 @@ import numpy as np
 
 from analysis import gradcam
 from analysis.attacks import adversarial_run
+from data_zoo.loader import normalise
 from analysis.runs import ImageCache, Predictions, RunRecord, load_model
+from config.settings import TrialConfig
 from tracking import plots
 
 CENTRE = 16  # side of the central square (pixels of 32) against which border CAM mass is measured
 UNIFORM_BORDER = 1 - (CENTRE / 32) ** 2  # a CAM spread evenly puts this much mass on the border
+ROAD_IMAGES = 32  # seeded test images per run on which Grad-CAM's ROAD faithfulness is measured
 
 
 def mine_failures(pred: Predictions, threshold: float) -> list[dict]:
     """Misclassified test images with confidence > ``threshold``, most confident first."""
     order = np.argsort(-pred.probs, axis=1)
     top, second = pred.probs[np.arange(len(pred.labels)), order[:, 0]], pred.probs[np.arange(len(pred.labels)), order[:, 1]]
-    wrong = np.flatnonzero(~pred.correct & (pred.confidence > threshold))
+    wrong = np.flatnonzero(pred.confident_failures(threshold))
     failures = [
         {
             "test_index": int(pred.index[i]),
@@ -131,11 +134,11 @@ class RunSettings:
     threshold: float
     layers: dict[str, str]
     max_cams: int
-    road_images: int = 32
+    road_images: int = ROAD_IMAGES
     label_errors: frozenset[int] = frozenset()
-    adversarial_images: int = 100
-    pgd_steps: int = 10
-    pgd_step_size: float = 0.25
+    adversarial_images: int = TrialConfig.adversarial_images  # the trials' defaults
+    pgd_steps: int = TrialConfig.adversarial_steps
+    pgd_step_size: float = TrialConfig.adversarial_step_size
 
 
 @dataclass
@@ -167,7 +170,7 @@ def road_step(model, target, x: np.ndarray, mean, std, pred, n_images: int) -> t
     pos = road_positions(len(pred.labels), n_images)
     if not len(pos):
         return {}, np.zeros(0)
-    inputs, classes = gradcam.normalise(x[pos], mean, std), pred.preds[pos]
+    inputs, classes = normalise(x[pos], mean, std), pred.preds[pos]
     cams = gradcam.compute_cams(model, target, inputs, classes)
     maps = {"Grad-CAM": cams, **gradcam.reference_maps(len(pos), cams.shape[-1])}
     road = {name: float(gradcam.faithfulness(model, inputs, m, classes).mean()) for name, m in maps.items()}
@@ -191,7 +194,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSett
     layer_name = layer or next(n for n, m in model.named_modules() if m is target)
     explained = found[:max_cams]
     pos = np.array([f["position"] for f in explained], dtype=int)
-    inputs = gradcam.normalise(x[pos], mean, std)
+    inputs = normalise(x[pos], mean, std)
     cams_pred = gradcam.compute_cams(model, target, inputs, [f["predicted_label"] for f in explained])
     cams_true = gradcam.compute_cams(model, target, inputs, [f["true_label"] for f in explained])
     border = dict(zip((f["test_index"] for f in explained), border_fraction(cams_pred).tolist()))

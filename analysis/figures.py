@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from analysis import gradcam
+from data_zoo.loader import normalise
 from analysis.runs import ImageCache, RunRecord, load_model
 from tracking import metrics, plots
 
@@ -41,6 +42,6 @@ def class_gallery(run: RunRecord, images: ImageCache, out: Path, layers: dict[st
     x, mean, std = images.get(run)
     pos = np.concatenate([np.flatnonzero(pred.labels == pred.classes.index(c))[:per_class] for c in chosen])
     model = load_model(run)
-    cams = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])), gradcam.normalise(x[pos], mean, std), pred.preds[pos])
+    cams = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])), normalise(x[pos], mean, std), pred.preds[pos])
     titles = [f"#{pred.index[p]} {pred.classes[pred.labels[p]]} (pred {pred.classes[pred.preds[p]]} {pred.confidence[p]:.2f})" for p in pos]
     return gradcam.cam_figure(x[pos], {"Grad-CAM: predicted": cams}, titles, out / "class_gallery.png", cell=1.6)

@@ -20,12 +20,6 @@ from analysis.runs import RunRecord
 from config.errors import InputError
 
 
-def normalise(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> the float input the model was trained on."""
-    x = torch.from_numpy(images).float() / 255.0
-    return (x - torch.as_tensor(mean).view(1, 3, 1, 1).float()) / torch.as_tensor(std).view(1, 3, 1, 1).float()
-
-
 def compute_cams(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, classes: Sequence[int], batch_size: int = 256) -> np.ndarray:
     """Grad-CAM maps (N, H, W) in [0, 1] at input resolution, for each input's given class."""
     device = next(model.parameters()).device

@@ -23,7 +23,7 @@ def failure_matrix(runs: list[RunRecord], threshold: float) -> tuple[np.ndarray,
         p = run.predictions
         if not np.array_equal(p.index, index):
             raise ValueError(f"run {run.name} was evaluated on other test images than {runs[0].name}")
-        rows.append(~p.correct & (p.confidence > threshold))
+        rows.append(p.confident_failures(threshold))
     return index, np.array(rows)
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from analysis import attacks, calibration, compare, figures as overview, gradcam, label_issues, log, logged, persistent, report, robustness
 from analysis import workers as workers_pool
-from analysis.failures import RunSettings
+from analysis.failures import ROAD_IMAGES, RunSettings
+from tracking import metrics
 from analysis.figures import GALLERY_CLASSES
 from analysis.runs import ImageCache, find_runs
 
 
-def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 0.9, baseline: str | None = None, variant: str | None = None,
+def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = metrics.CONFIDENCE_THRESHOLD, baseline: str | None = None, variant: str | None = None,
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
-                 log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = 32, workers: int | None = None,
+                 log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = ROAD_IMAGES, workers: int | None = None,
                  adversarial_images: int | None = None, pgd_steps: int | None = None, pgd_step_size: float | None = None,
                  allow_data_mismatch: bool = False) -> Path:
     """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);

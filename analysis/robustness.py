@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import gradcam, log
+from analysis import log
 from analysis.runs import ImageCache, RunRecord, load_model
 from stress import corruptions
 from tracking import plots
@@ -24,7 +24,6 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
     robustness.json: same subset rule, corruption seeds and fp32 model, so the same numbers (a test checks it) without
     the inference, which dominates a CPU analysis (ResNet-18: minutes per run). ``n_images`` None means the trials'
     subset where every run logged one of the same size, else DEFAULT_CORRUPTION_IMAGES."""
-    import torch
 
     if n_images == 0:
         return None
@@ -36,7 +35,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
     for run in runs:
         x, mean, std = images.get(run)
         p = run.predictions
-        pos = corruptions.balanced_subset(p.labels, len(p.classes), n_images)  # the same definition the trials use
+        pos = corruptions.first_per_class(p.labels, len(p.classes), n_images)  # the same definition the trials use
         trial = logged.get(run.name)
         if trial and trial["images"] == len(pos) and set(trial["accuracy"]) == set(corruptions.CORRUPTIONS):  # one rule: equal size, same subset
             results[run.name] = {"clean": float((p.preds[pos] == p.labels[pos]).mean()), "accuracy": trial["accuracy"], "measured": "trial"}
@@ -44,11 +43,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
         key = (id(x), pos.tobytes())
         if key not in generated:  # corrupted once per data set and subset, reused by every run on it
             generated[key] = list(corruptions.corrupted_sets(x[pos]))
-        model = load_model(run)
-
-        def predict(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return np.concatenate([model(gradcam.normalise(batch[i : i + 500], mean, std)).argmax(1).numpy() for i in range(0, len(batch), 500)])
+        predict = corruptions.classifier(load_model(run), mean, std)
 
         results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()),
                              "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key]), "measured": "analysis"}

@@ -47,6 +47,10 @@ class Predictions:
     def correct(self) -> np.ndarray:
         return self.preds == self.labels
 
+    def confident_failures(self, threshold: float) -> np.ndarray:
+        """Bool mask: the high-confidence failures (``metrics.confident_errors``)."""
+        return metrics.confident_errors(self.probs, self.labels, threshold)
+
     @classmethod
     def load(cls, path: str | Path) -> "Predictions":
         with np.load(path) as f:

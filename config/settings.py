@@ -128,7 +128,7 @@ class TrialConfig:
     channels_last: bool = True  # NHWC memory layout (faster on CUDA, and for small CNNs on CPU)
     compile: bool = False  # torch.compile the model
     deterministic: bool = True  # cudnn deterministic algorithms
-    threshold: float = 0.9  # confidence above which an error counts as high-confidence
+    threshold: float = metrics.CONFIDENCE_THRESHOLD  # confidence above which an error counts as high-confidence
     log_model: bool = True  # log the final model as an MLflow logged model (torch.export pt2; --register-best needs it); the weights are logged either way
     robustness: bool = False  # evaluate the corruption stress test at the end of the trial (logged as metrics + artifact)
     robustness_images: int = 1000  # class-balanced test images it uses

@@ -41,11 +41,31 @@ class DataBundle:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> float, standardised per channel."""
-        return (x.float() / 255.0 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return normalise(x, self.mean, self.std)
 
     def black(self) -> torch.Tensor:
         """Normalised value of a black pixel (crop's zero padding)."""
         return -self.mean / self.std
+
+
+def standardise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Pixels in [0, 1] (N, C, H, W) -> the model's input: standardised per channel by the training set's mean and std.
+    The one definition of the model's input; attacks work in pixel space and call it inside the attacked function."""
+    return (x - _per_channel(mean, x)) / _per_channel(std, x)
+
+
+def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
+    """(C,) statistics shaped (1, C, 1, 1) as ``like``'s dtype and device (no copy where they are already: a training
+    step moves nothing between host and device)."""
+    if not isinstance(values, torch.Tensor) or values.dtype != like.dtype or values.device != like.device:
+        values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    return values.view(1, -1, 1, 1)
+
+
+def normalise(images, mean, std) -> torch.Tensor:
+    """uint8 images (N, C, H, W; a tensor or an array) -> the model's input."""
+    images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    return standardise(images.float() / 255.0, mean, std)
 
 
 def channel_stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +86,7 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def balanced_subset(indices: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+def random_balanced_subset(indices: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Seeded subset of ``indices`` with (as near as possible) ``size / num_classes`` per class."""
     rng = np.random.default_rng(seed + 1)
     classes = np.unique(labels[indices])
@@ -86,10 +106,10 @@ def load_bundle(data: dict, device: torch.device | str = "cpu") -> DataBundle:
     seed = data.get("split_seed", 0)
     train_idx, val_idx = split_indices(images.train_y, data.get("val_fraction", 0.0), seed)
     if data.get("subset"):
-        train_idx = balanced_subset(train_idx, images.train_y, data["subset"], seed)
+        train_idx = random_balanced_subset(train_idx, images.train_y, data["subset"], seed)
     test_idx = np.arange(len(images.test_y))
     if data.get("test_subset"):
-        test_idx = balanced_subset(test_idx, images.test_y, data["test_subset"], seed)
+        test_idx = random_balanced_subset(test_idx, images.test_y, data["test_subset"], seed)
 
     def split(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> Split:
         return Split(torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device), torch.from_numpy(idx).to(device))

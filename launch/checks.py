@@ -24,8 +24,8 @@ def check_writable(args: argparse.Namespace) -> None:
     folders = [] if args.register_best else [Path(args.storage)]
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_store(uri, creating=not (args.register_best or args.rerun_best))
-    if uri.startswith("sqlite:///"):
-        folders.append(Path(uri[len("sqlite:///"):]).parent)
+    if db := tracking.store.sqlite_path(uri):
+        folders.append(db.parent)
         if not args.register_best:  # the runs' artifacts (weights, predictions): written at each trial's end
             folders.append(Path(urllib.parse.urlparse(tracking.artifact_root(uri)).path))
     need = float(os.environ.get("STRESSLAB_MIN_FREE_MB", "100")) * 2**20
@@ -82,25 +82,22 @@ SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3",
 
 
 def filesystem_type(path: Path) -> str:
-    """The type of the filesystem holding ``path`` (longest mount point of /proc/mounts above it); '' if unknown."""
-    path, best = path.resolve(), ("", "")
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in mounts:
-        fields = line.split()
-        if len(fields) > 2 and (path == Path(fields[1]) or Path(fields[1]) in path.parents) and len(fields[1]) > len(best[0]):
-            best = (fields[1], fields[2])
+    """The type of the filesystem holding ``path`` (the mount point deepest above it); '' if unknown."""
+    import psutil
+
+    path, best = Path(path).resolve(), ("", "")
+    for part in psutil.disk_partitions(all=True):
+        mount = Path(part.mountpoint)
+        if (path == mount or mount in path.parents) and len(part.mountpoint) > len(best[0]):
+            best = (part.mountpoint, part.fstype)
     return best[1]
 
 
 def shared_storage_warnings(uri: str, storage: str) -> list[str]:
     """With --address, trials on other nodes write to the MLflow store and to --storage: say so where they cannot."""
     local = []  # (what, path as given, folder whose filesystem counts, fix)
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        local.append(("a local SQLite MLflow store", path, Path(path).parent, "start an MLflow server on the head and pass --tracking-uri http://HEAD:5000"))
+    if db := tracking.store.sqlite_path(uri):
+        local.append(("a local SQLite MLflow store", str(db), db.parent, "start an MLflow server on the head and pass --tracking-uri http://HEAD:5000"))
     if "://" not in storage:  # (a URI is refused before this, by check_writable)
         local.append(("--storage", storage, Path(storage), "use a folder every node sees"))
     found = []

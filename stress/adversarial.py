@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from tracking import metrics
-from stress.corruptions import balanced_subset
+from data_zoo.loader import standardise
+from stress.corruptions import first_per_class
 
 EPSILONS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 
@@ -27,7 +28,7 @@ def _loss_gradient(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, 
     """The gradient of the cross-entropy with respect to the [0, 1] pixels (normalisation inside the attacked function)."""
     with torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
-        loss = F.cross_entropy(model((x - mean) / std), y, reduction="sum")
+        loss = F.cross_entropy(model(standardise(x, mean, std)), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
     return grad
 
@@ -43,7 +44,7 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, mean: torch.Tensor,
     projected onto the eps-ball around ``x`` and [0, 1]; an image stays at the first point that fools the model."""
     adv = fgsm(model, x, y, eps, mean, std)
     with torch.no_grad():
-        fooled = model((adv - mean) / std).argmax(1) != y
+        fooled = model(standardise(adv, mean, std)).argmax(1) != y
     for _ in range(steps):
         active = ~fooled
         if not active.any():
@@ -53,7 +54,7 @@ def pgd(model, x: torch.Tensor, y: torch.Tensor, eps: float, mean: torch.Tensor,
         step = torch.max(torch.min(step, x0 + eps), x0 - eps).clamp(0, 1)
         adv[active] = step
         with torch.no_grad():
-            fooled[active] = model((step - mean) / std).argmax(1) != ya
+            fooled[active] = model(standardise(step, mean, std)).argmax(1) != ya
     return adv
 
 
@@ -76,7 +77,7 @@ def robust_accuracy(model, images: np.ndarray, labels: np.ndarray, mean: np.ndar
         x = torch.from_numpy(images[start : start + batch_size]).to(device).float().div(255)
         y = torch.as_tensor(labels[start : start + batch_size], device=device).long()
         with torch.no_grad():
-            right = (model((x - m) / s).argmax(1) == y).cpu().numpy()
+            right = (model(standardise(x, m, s)).argmax(1) == y).cpu().numpy()
         clean[start : start + len(y)] = right
         attacked = np.flatnonzero(right)  # an image already wrong is broken at every epsilon: no need to attack it
         if not len(attacked):
@@ -87,7 +88,7 @@ def robust_accuracy(model, images: np.ndarray, labels: np.ndarray, mean: np.ndar
             for k, eps in enumerate(eps_grid):
                 adv = attack(model, xa, ya, eps, m, s, **kwargs)
                 with torch.no_grad():
-                    broken[name][k, start + attacked] = (model((adv - m) / s).argmax(1) != ya).cpu().numpy()
+                    broken[name][k, start + attacked] = (model(standardise(adv, m, s)).argmax(1) != ya).cpu().numpy()
     result["clean"] = float(clean.mean())
     for name, fooled in broken.items():
         cumulative = np.logical_or.accumulate(fooled | ~clean, axis=0)  # broken at this epsilon or a smaller one
@@ -104,7 +105,7 @@ def stress_test(model, images: np.ndarray, labels: np.ndarray, index: np.ndarray
     analysis: same labels, same rule), as logged in ``adversarial.json``: ``requested`` and ``images`` (the subset's
     size), the settings, ``accuracy`` per attack at [0, *epsilons], ``first_flip_<attack>`` ({test index: the smallest
     epsilon that flips it}) and ``metrics`` (the accuracies under their metric names)."""
-    pos = balanced_subset(labels, n_classes, n_images)
+    pos = first_per_class(labels, n_classes, n_images)
     result = robust_accuracy(model, images[pos], labels[pos], mean, std, steps=steps, step_size=step_size, batch_size=batch_size, device=device)
     for name, first in result.pop("first_flip").items():
         result[f"first_flip_{name}"] = {int(index[q]): e for q, e in zip(pos, first) if e is not None}

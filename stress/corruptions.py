@@ -199,7 +199,7 @@ def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarra
     return CORRUPTIONS[name](x, severity, np.random.default_rng([seed, severity, sorted(CORRUPTIONS).index(name)]))
 
 
-def balanced_subset(labels: np.ndarray, num_classes: int, n_images: int) -> np.ndarray:
+def first_per_class(labels: np.ndarray, num_classes: int, n_images: int) -> np.ndarray:
     """Positions of the first ``n_images // num_classes`` test images of every class (at least one each).
 
     The one subset definition: the end-of-trial metrics and the analysis both call it on the test
@@ -213,6 +213,23 @@ def corrupted_sets(x: np.ndarray, seed: int = 0) -> Iterator[tuple[str, int, np.
     for name in sorted(CORRUPTIONS):
         for severity in SEVERITIES:
             yield name, severity, corrupt(x, name, severity, seed)
+
+
+def classifier(model, mean, std, batch_size: int = 500, device="cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images (N, C, H, W) -> the class ids ``model`` predicts, in fp32 batches on ``device``: what the
+    corruption test (in a trial and in the analysis) calls on every corrupted set."""
+    import torch
+
+    from data_zoo.loader import normalise
+
+    @torch.inference_mode()
+    def classify(images: np.ndarray) -> np.ndarray:
+        model.eval()
+        out = [model(normalise(torch.as_tensor(images[i : i + batch_size]).to(device), mean, std)).argmax(1).cpu()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out).numpy()
+
+    return classify
 
 
 def corruption_accuracy(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray | None, labels: np.ndarray, seed: int = 0,

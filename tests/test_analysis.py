@@ -269,14 +269,14 @@ def test_label_issues_are_listed_and_every_failure_count_is_given_both_ways(anal
 
 def test_adversarial_accuracy_is_reported_per_run_and_epsilon(analysed, finished_sweep):
     """Every run attacked on 100 class-balanced test images; the clean figure is the logged predictions' accuracy there."""
-    from stress.corruptions import balanced_subset
+    from stress.corruptions import first_per_class
 
     out, path = analysed
     result = json.loads((out / "adversarial.json").read_text())
     assert result["epsilons"] == [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255] and result["attacks"] == ["fgsm", "pgd"]
     for run in find_runs("tiny", finished_sweep["uri"], out / ".artifacts"):
         r, p = result["runs"][run.name], run.predictions
-        pos = balanced_subset(p.labels, len(p.classes), 100)
+        pos = first_per_class(p.labels, len(p.classes), 100)
         assert r["images"] == len(pos) and r["clean"] == pytest.approx(float(p.correct[pos].mean()), abs=1e-9)
         for attack in ("fgsm", "pgd"):
             acc = r["accuracy"][attack]

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from data_zoo import cache, load_bundle, load_images, sources
-from data_zoo.loader import balanced_subset, split_indices
+from data_zoo.loader import random_balanced_subset, split_indices
 from tests.conftest import write_cifar
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -89,7 +89,7 @@ def test_split_is_seeded_stratified_and_disjoint():
 
 def test_balanced_subset():
     labels = np.repeat(np.arange(10), 100)
-    subset = balanced_subset(np.arange(1000), labels, 50, seed=0)
+    subset = random_balanced_subset(np.arange(1000), labels, 50, seed=0)
     assert np.bincount(labels[subset]).tolist() == [5] * 10
 
 

@@ -30,3 +30,12 @@ FINAL_METRICS = (TEST_LOSS, TEST_ACC, TEST_PRECISION, TEST_RECALL, TEST_F1, TEST
 PREDICTIONS_FILE = "predictions.npz"  # test probs/logits (N, C) float32, labels, preds, index; val_logits, val_labels
 WEIGHTS_FILE = "weights.pt"  # state_dict, torch.load(..., weights_only=True)
 CONFIG_FILE = "config.yaml"  # the resolved trial config
+
+# A high-confidence failure: a test image misclassified with confidence above the threshold (0.9 unless a run or the
+# analysis is given another). One definition for the trials' test/confident_errors and every analysis.
+CONFIDENCE_THRESHOLD = 0.9
+
+
+def confident_errors(probs, labels, threshold: float = CONFIDENCE_THRESHOLD):
+    """Bool mask over images (numpy): argmax of ``probs`` is not the label and the top probability exceeds ``threshold``."""
+    return (probs.argmax(1) != labels) & (probs.max(1) > threshold)

@@ -16,12 +16,19 @@ def default_tracking_uri(root: Path = PROJECT_ROOT) -> str:
     return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths as given); None for any other store."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the project's local store; local paths made absolute."""
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
-    return uri
+    db = sqlite_path(uri)
+    return f"{SQLITE}{db.resolve()}" if db else uri
 
 
 # Where a resumed sweep logs now: {sweep id: tracking URI}, set by the driver of a resume for itself and (runtime_env)
@@ -39,10 +46,8 @@ def sweep_uri(sweep: dict) -> str:
 
 def artifact_root(uri: str) -> str | None:
     """Artifact folder beside a local SQLite store (None for a server, which has its own)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):])
-    return (db.parent / "artifacts").as_uri()
+    db = sqlite_path(uri)
+    return (db.parent / "artifacts").as_uri() if db else None
 
 
 def check_store(uri: str, creating: bool) -> None:
@@ -63,8 +68,7 @@ def check_store(uri: str, creating: bool) -> None:
             reason = getattr(err, "reason", err)
             raise InputError(f"the MLflow tracking server {uri} does not answer ({reason}); start it, or pass another --tracking-uri "
                              f"(or leave it out for the local store {default_tracking_uri()})") from None
-    elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    elif db := sqlite_path(uri):
         if not creating and not db.is_file():
             raise InputError(f"no MLflow store at {uri} ({db} does not exist); pass the --tracking-uri of the sweep's store")
         if creating and not db.parent.parent.is_dir():
@@ -76,8 +80,7 @@ def client(uri: str):
     """An ``MlflowClient`` on ``uri``, creating the local store folder first."""
     from mlflow import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+    if db := sqlite_path(uri):
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -186,15 +186,13 @@ def evaluate(model, bundle: DataBundle, split: Split, cfg: TrialConfig, precisio
 
 def classification_report(probs: np.ndarray, labels: np.ndarray, classes: list[str], threshold: float) -> dict:
     """Accuracy, macro precision/recall/F1, per-class accuracy, confusion matrix, confident errors."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     k = len(classes)
     preds = probs.argmax(1)
-    confusion = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
-    tp = np.diag(confusion).astype(float)
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    confident_errors = int(((preds != labels) & (probs.max(1) > threshold)).sum())
+    confusion = confusion_matrix(labels, preds, labels=range(k))
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, labels=range(k), average=None, zero_division=0)
+    confident_errors = int(metrics.confident_errors(probs, labels, threshold).sum())
     summary = {
         metrics.TEST_ACC: float((preds == labels).mean()),
         metrics.TEST_PRECISION: float(precision.mean()),
