@@ -15,7 +15,7 @@ def test_benchmark_prints_every_figure():
         assert re.search(rf"^\s+{model}\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\d$", text, re.M), text
     assert re.search(r"plain process pool: \d+\.\d s \(\d+\.\d s before the sweep, its processes' start included, \+ \d+\.\d s after; a trial \d+\.\d s", text), text  # 2.
     assert re.search(r"Ray Tune \+ MLflow sweep: \d+\.\d s \(first trial started after \d+\.\d s", text), text
-    assert re.search(r"overhead: -?\d+\.\d% of the sweep's wall time", text), text
+    assert re.search(r"overhead: \d+\.\d% of the sweep's wall time", text), text  # a sweep cannot cost less than the plain pool
     assert len(re.findall(r"^\s+(plain_cnn|resnet18)\s+\d+\.\d images/s$", text, re.M)) == 2, text  # 3. Grad-CAM
     assert "4. model-FLOPs utilisation (FLOPs per training image counted by FlopCounterMode)" in text  # 4. MFU (n/a without CUDA)
     assert "n/a: no CUDA device" in text or "TFLOP/s achieved" in text
