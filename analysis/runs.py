@@ -163,7 +163,7 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
     import mlflow
 
     mlflow_client = mlflow.MlflowClient(uri)
-    found = mlflow_client.get_experiment_by_name(experiment)
+    found = tracking.retry(lambda: mlflow_client.get_experiment_by_name(experiment))
     if found is None:
         names = [e.name for e in mlflow_client.search_experiments()]
         raise InputError(f"no MLflow experiment {experiment!r} at {uri}; known: {', '.join(names) or 'none'}. Run the sweep first.")
@@ -177,7 +177,8 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
         if not RUN_ID.fullmatch(run.info.run_id):  # it names a folder of the download cache
             log(f"note: skipping a run whose id {run.info.run_id!r} is not an MLflow run id")
             continue
-        artifacts = frozenset(a.path for a in mlflow_client.list_artifacts(run.info.run_id)) if run.info.status == "FINISHED" else frozenset()
+        listed = tracking.retry(lambda: mlflow_client.list_artifacts(run.info.run_id)) if run.info.status == "FINISHED" else []
+        artifacts = frozenset(a.path for a in listed)
         if metrics.PREDICTIONS_FILE not in artifacts:  # pruned, killed or failed (a pruned run may end FINISHED without them)
             stopped = run.data.tags.get(tracking.STOPPED_BY_TAG)
             why = f", stopped by {stopped} at epoch {run.data.tags.get(tracking.EPOCHS_TAG, '?')}" if stopped else ""
@@ -185,7 +186,8 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
             continue
         for artifact in (metrics.CONFIG_FILE, metrics.PREDICTIONS_FILE):
             download(uri, run.info.run_id, artifact, cache)
-        history = {k: [(m.step, m.value) for m in mlflow_client.get_metric_history(run.info.run_id, k)] for k in metrics.EPOCH_METRICS}
+        history = {k: [(m.step, m.value) for m in tracking.retry(lambda: mlflow_client.get_metric_history(run.info.run_id, k))]
+                   for k in metrics.EPOCH_METRICS}
         records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
                                  run.data.metrics, cache / run.info.run_id, uri, history, artifacts,
                                  test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG)))

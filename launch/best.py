@@ -70,10 +70,11 @@ def register_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace) ->
         raise InputError(f"the best run {best.run_id} ({best['tags.mlflow.runName']}) logged no model (its trials ran with log_model: false); "
                          "sweep with log_model: true (the default) to register its best model")
     # The run's MLflow 3 logged model (the version then links to it); runs logged before it had only a model/ artifact folder.
-    version = mlflow.register_model(f"models:/{logged[-1]}" if logged else f"runs:/{best.run_id}/model", args.register_best, tags=tags)
-    client.update_model_version(args.register_best, version.version,
-                                description=f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}")
-    client.set_registered_model_alias(args.register_best, args.alias, version.version)
+    version = tracking.retry(lambda: mlflow.register_model(f"models:/{logged[-1]}" if logged else f"runs:/{best.run_id}/model",
+                                                           args.register_best, tags=tags))
+    description = f"{best['tags.mlflow.runName']} from sweep {tags['sweep_id']}, selected by {metric} = {value:.4f}"
+    tracking.retry(lambda: client.update_model_version(args.register_best, version.version, description=description))
+    tracking.retry(lambda: client.set_registered_model_alias(args.register_best, args.alias, version.version))
     print(f"registered {args.register_best} version {version.version} as @{args.alias}: run {best.run_id} ({best['tags.mlflow.runName']}), "
           f"selected by {metric} = {value:.4f}; load it without unpickling anything (it is an exported program):\n"
           f"  MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false python -c \"import mlflow.pytorch; "
@@ -91,7 +92,7 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     metric, mode = selection(cfg, args.metric)
     best = best_run(uri, name, metric, mode)
-    path = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=metrics.CONFIG_FILE, tracking_uri=uri)
+    path = tracking.retry(lambda: mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=metrics.CONFIG_FILE, tracking_uri=uri))
     problems: list = []
     trial = build(TrialConfig, load_yaml(Path(path).read_text()), "", problems)
     if problems:
@@ -100,7 +101,8 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
     prepare_data(rerun)  # the data the best run was trained on, not the YAML's current data settings
     print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), selected by {metric} = {best[f'metrics.{metric}']:.4f}")
     code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
-    new = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'", order_by=["attributes.start_time DESC"]).iloc[0]
+    rerun_filter = f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'"
+    new = tracking.retry(lambda: mlflow.search_runs(experiment_names=[name], filter_string=rerun_filter, order_by=["attributes.start_time DESC"])).iloc[0]
     print(f"\n{'metric':<26}{'original':>12}{'rerun':>12}")
     for key in dict.fromkeys((metric, *metrics.FINAL_METRICS)):
         a, b = best.get(f"metrics.{key}"), new.get(f"metrics.{key}")

@@ -1,4 +1,4 @@
-"""Every example command of the README and of the ``--help`` texts, run as written on a fresh copy of the checkout.
+"""Every example command of the README, of docs/ and of the ``--help`` texts, run as written on a fresh copy of the checkout.
 
 The copy holds the tracked files only (what a fresh clone has), with ``../shared`` beside it, so the README's own
 unpack step provides the data. Commands that need what this machine lacks are listed with the reason instead
@@ -36,7 +36,8 @@ NOT_HERE = [
 
 
 def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    """The shell commands of the README and of every page in docs/, in that order."""
+    text = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     return [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in logical_lines(block)]
 
 
