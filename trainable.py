@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,12 +24,13 @@ import yaml
 from tracking import metrics
 from config.settings import EarlyStoppingConfig, TrialConfig
 from data_zoo import Augmenter, load_bundle
-from training.engine import (Precision, build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate, pick_device,
-                    pick_precision, predict, seed_everything, train_epoch)
+from training.engine import (FP32, build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate,
+                             pick_device, pick_precision, predict, seed_everything, train_epoch)
 from model_zoo import create_model
 from config.grid import apply_overrides
 from config.schema import build
 from tracking import TrialRun, log_pytorch_model, run_name
+from tracking.private_apis import finish_system_metrics
 
 STATE_FILE = "state.pt"
 Report = Callable[[dict, dict], None]  # (metrics, checkpoint state) -> None
@@ -117,7 +119,7 @@ def train(config: dict) -> None:
         raise
     finally:
         if monitor is not None:
-            monitor.finish()
+            finish_system_metrics(monitor)
     run.finish("FINISHED")
 
 
@@ -142,16 +144,17 @@ def load_state(folder: str) -> dict:
 
 def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = None, threads: int | None = None) -> dict[str, float]:
     """Train one trial to the end (or early stop), evaluate the test set once, log everything."""
-    # 1. Device and seeds. Threads follow the CPUs Ray gave the trial, so a rerun computes identically.
-    device = pick_device()
+    # 1. Device, precision and seeds. Threads follow the CPUs Ray gave the trial, so a rerun computes identically.
+    started, device = time.perf_counter(), pick_device()
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    reproducible = determinism(device, cfg)
+    precision = pick_precision(device, cfg.amp)
+    reproducible = determinism(device, cfg, precision)
     if cfg.deterministic and cfg.compile:
         print(f"warning: {reproducible}")
     run.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch.num_threads": torch.get_num_threads(),
-                  "determinism": reproducible})
+                  "precision": precision.name, "determinism": reproducible})
 
     # 2. Data on the training device as uint8; batches are normalised and augmented there.
     bundle = load_bundle(dataclasses.asdict(cfg.data), device)
@@ -162,7 +165,7 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
     model = create_model(cfg.arch, len(bundle.classes), **cfg.model).to(device)
     if cfg.channels_last:  # faster on CUDA and, for the small CNNs, on CPU too
         model = model.to(memory_format=torch.channels_last)
-    optimizer, precision = build_optimizer(model, cfg), pick_precision(device, cfg.amp)
+    optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(bundle.train))
     stopper, start_epoch = EarlyStopper(cfg.early_stopping, state and state["stopper"]), 0
     best: dict = {}  # with early stopping: the weights and epoch of the best validation epoch so far
@@ -172,15 +175,16 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
         start_epoch, best = restore(state, model, optimizer, scheduler, precision)
     step_model = torch.compile(model) if cfg.compile else model
 
-    # 5. Epochs: train (the lr schedule steps per batch), validate, log to MLflow, report to Tune with a checkpoint.
-    values: dict[str, float] = {}
+    # 5. Epochs: train (the lr schedule steps per batch), validate (fp32), log to MLflow, report to Tune with a checkpoint.
+    values: dict[str, float] = {metrics.TIME_SETUP: time.perf_counter() - started}
     for epoch in range(start_epoch, cfg.epochs):
         lr = optimizer.param_groups[0]["lr"]
-        values = train_epoch(step_model, bundle, cfg, optimizer, precision, epoch_generator(cfg.seed, epoch, device), augmenter, device, scheduler)
+        values |= train_epoch(step_model, bundle, cfg, optimizer, precision, epoch_generator(cfg.seed, epoch, device), augmenter, device, scheduler)
         if not math.isfinite(values[metrics.TRAIN_LOSS]):
             raise DivergedError(f"training loss is {values[metrics.TRAIN_LOSS]} at epoch {epoch + 1} (lr {lr:g}); lower optimizer.lr or set grad_clip")
+        trained = time.perf_counter()
         if bundle.val is not None:
-            values.update(evaluate(step_model, bundle, bundle.val, cfg, precision, device, "val"))
+            values.update(evaluate(step_model, bundle, bundle.val, cfg, FP32, device, "val"))
         values.update({metrics.LR: lr, metrics.EPOCH: epoch + 1})
         last = stopper.update(values) or epoch + 1 == cfg.epochs
         if stopper.improved:
@@ -190,15 +194,19 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
             if best:
                 model.load_state_dict(best["best_model"])
             values.update(finish(model, bundle, cfg, device, run, epoch + 1, best.get("best_epoch", epoch + 1)))
-        checkpoint_state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": precision.scaler.state_dict() if precision.scaler else {}, "rng": torch.get_rng_state(),
-            "epoch": epoch + 1, "stopper": stopper.state_dict(), "mlflow_run_id": run.run_id or "", **best,
-        }
-        report(values, checkpoint_state)
+        report(values, checkpoint_state(model, optimizer, scheduler, precision, epoch + 1, stopper, run, best))
         if last:
             break
+        run.log_metrics({metrics.TIME_EPOCH_REST: time.perf_counter() - trained}, epoch + 1)  # validation, logging, checkpoint
+        values = {}
     return values
+
+
+def checkpoint_state(model, optimizer, scheduler, precision, epoch: int, stopper: EarlyStopper, run: TrialRun, best: dict) -> dict:
+    """Everything a restart resumes from: weights, optimiser, schedule, scaler, RNG, epoch, early stopping, the run."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": precision.scaler.state_dict() if precision.scaler else {}, "rng": torch.get_rng_state(),
+            "epoch": epoch, "stopper": stopper.state_dict(), "mlflow_run_id": run.run_id or "", **best}
 
 
 def restore(state: dict, model, optimizer, scheduler, precision) -> tuple[int, dict]:
@@ -218,15 +226,18 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
     Evaluated in fp32 (no autocast) on every device, so the logged logits, the pt2 model and Grad-CAM agree."""
     from tracking.plots import plot_confusion, plot_curves
 
-    precision = Precision(None, None)
-    logits, index = predict(model, bundle, bundle.test, cfg.eval_batch_size, precision, device)
+    start = time.perf_counter()
+    logits, index = predict(model, bundle, bundle.test, cfg.eval_batch_size, FP32, device)
     probs = torch.softmax(logits, 1).cpu().numpy()
     labels = bundle.test.y.cpu().numpy()
     report = classification_report(probs, labels, bundle.classes, cfg.threshold)
     results = {metrics.TEST_LOSS: float(torch.nn.functional.cross_entropy(logits, bundle.test.y).item()), **report["metrics"],
                metrics.TEST_EPOCH: test_epoch}
+    results[metrics.TIME_TEST] = (tested := time.perf_counter()) - start
     robust = robustness(model, bundle, cfg, device) if cfg.robustness else None
+    results[metrics.TIME_ROBUSTNESS] = (corrupted := time.perf_counter()) - tested
     attacked = adversarial_test(model, bundle, cfg, device) if cfg.adversarial else None
+    results[metrics.TIME_ADVERSARIAL] = (started_artifacts := time.perf_counter()) - corrupted
     for extra in (robust, attacked):
         results.update(extra["metrics"] if extra else {})
     if run.client is None:
@@ -237,7 +248,7 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
         torch.save(model.state_dict(), out / metrics.WEIGHTS_FILE)
         val = {}
         if bundle.val is not None:  # for calibration: temperature scaling is fitted on the validation split
-            val_logits, val_index = predict(model, bundle, bundle.val, cfg.eval_batch_size, precision, device)
+            val_logits, val_index = predict(model, bundle, bundle.val, cfg.eval_batch_size, FP32, device)
             val = {"val_logits": val_logits.cpu().numpy(), "val_labels": bundle.val.y.cpu().numpy(), "val_index": val_index.cpu().numpy()}
         np.savez_compressed(out / metrics.PREDICTIONS_FILE, probs=probs.astype(np.float32), logits=logits.cpu().numpy(), labels=labels,
                             preds=probs.argmax(1), index=index.cpu().numpy(), classes=np.array(bundle.classes), **val)
@@ -251,9 +262,11 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
         plot_curves({"run": history}, out / "training_curves.png")
         plot_confusion(report["confusion"], bundle.classes, out / "confusion_matrix.png")
         run.log_artifacts(out)
-    if cfg.log_model:  # tracing the model with torch.export and saving it as pt2: 2-3 s a trial on the CPU
+    if cfg.log_model:  # tracing the model with torch.export and saving it as pt2 (0.5-0.9 s a small-CNN trial on a CPU)
         example = bundle.normalise(bundle.test.x[:2]).cpu().numpy()
         log_pytorch_model(run, copy.deepcopy(model).to(memory_format=torch.contiguous_format), example)
+    results[metrics.TIME_ARTIFACTS] = time.perf_counter() - started_artifacts
+    run.log_metrics({metrics.TIME_ARTIFACTS: results[metrics.TIME_ARTIFACTS]}, step)
     return results
 
 

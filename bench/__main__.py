@@ -3,7 +3,8 @@
 Prints, on whatever device it finds, in one run:
   1. training images/s of stresslab's loop vs a reference written like the seeds (torchvision-style
      dataset of PIL images + RandomCrop/Flip transforms + DataLoader with workers, fp32), per model,
-     alternating the two so drift affects both;
+     alternating the two so drift affects both; on a CPU, fp32 against bf16 autocast, for the loop and
+     for the bare model step (1b);
   2. the overhead of Ray Tune + MLflow: a sweep of N trials vs the same trials in a plain process pool
      (half before and half after the sweep, so drift affects both);
   3. Grad-CAM images/s;
@@ -65,11 +66,12 @@ def gpu_peak_tflops(device: torch.device) -> tuple[str, float | None]:
 # --- 1. training throughput -------------------------------------------------------------------
 
 
-def stresslab_images_per_s(arch: str, n: int, device: torch.device, amp: bool = True) -> float:
-    """One epoch of stresslab's own loop (device-resident uint8, batched augmentation; bf16 autocast on CUDA if ``amp``)."""
+def stresslab_images_per_s(arch: str, n: int, device: torch.device, amp: bool = True, precision=None) -> float:
+    """One epoch of stresslab's own loop (device-resident uint8, batched augmentation), in the precision a trial picks
+    (``amp``: bf16 autocast on CUDA and on a CPU with native bf16), or in ``precision`` where given."""
     from data_zoo import Augmenter, load_bundle
-    from training.engine import build_optimizer, epoch_generator, pick_precision, train_epoch
     from model_zoo import create_model
+    from training.engine import build_optimizer, epoch_generator, pick_precision, train_epoch
 
     cfg = trial_config(arch, n, amp=amp)
     bundle = load_bundle(dataclasses.asdict(cfg.data), device)
@@ -78,8 +80,67 @@ def stresslab_images_per_s(arch: str, n: int, device: torch.device, amp: bool = 
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     augmenter = Augmenter(cfg.augment, fill=bundle.black())
-    result = train_epoch(model, bundle, cfg, optimizer, pick_precision(device, cfg.amp), epoch_generator(0, 0, device), augmenter, device)
+    precision = precision or pick_precision(device, cfg.amp)
+    result = train_epoch(model, bundle, cfg, optimizer, precision, epoch_generator(0, 0, device), augmenter, device)
     return result["time/images_per_s"]
+
+
+def bare_step_images_per_s(arch: str, n: int, device: torch.device, dtype: torch.dtype | None) -> float:
+    """The model's own training step alone (one fixed batch of 128, channels_last, SGD), ``n`` images' worth: the ceiling
+    of any loop around it."""
+    from model_zoo import create_model
+
+    model = create_model(arch, 10).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(128, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (128,), device=device)
+    start = time.perf_counter()
+    for _ in range(max(1, n // 128)):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return max(1, n // 128) * 128 / (time.perf_counter() - start)
+
+
+def cpu_flags() -> str:
+    """The CPU's bf16-related flags as Linux reports them (and what torch concludes)."""
+    from tracking.private_apis import cpu_native_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    seen = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) or ["none of avx2/avx512/amx"]
+    return f"{', '.join(seen)}; torch: {'native bf16' if cpu_native_bf16() else 'no native bf16 (bf16 emulated: slower than fp32)'}"
+
+
+def bench_precision(device: torch.device, sizes: dict[str, int], rounds: int, threads: int = 1) -> dict[str, dict[str, float]]:
+    """fp32 against bf16 autocast on this CPU, per model: stresslab's loop and the bare model step, alternating, median."""
+    from training.engine import FP32, Precision
+
+    if device.type != "cpu":
+        return {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as a trial with resources.cpu: 1 computes
+    print(f"\n1b. fp32 vs bf16 autocast on this CPU ({cpu_flags()}), {threads} thread, batch 128, {rounds} alternating rounds, median")
+    print(f"   {'model':<14}{'loop fp32':>11}{'loop bf16':>11}{'ratio':>7}{'bare fp32':>11}{'bare bf16':>11}{'ratio':>7}")
+    out = {}
+    try:
+        for arch, n in sizes.items():
+            stresslab_images_per_s(arch, min(256, n), device, precision=Precision(torch.bfloat16, None))  # warm-up
+            runs: dict[str, list[float]] = {"loop fp32": [], "loop bf16": [], "bare fp32": [], "bare bf16": []}
+            for _ in range(rounds):
+                runs["loop fp32"].append(stresslab_images_per_s(arch, n, device, precision=FP32))
+                runs["loop bf16"].append(stresslab_images_per_s(arch, n, device, precision=Precision(torch.bfloat16, None)))
+                runs["bare fp32"].append(bare_step_images_per_s(arch, n, device, None))
+                runs["bare bf16"].append(bare_step_images_per_s(arch, n, device, torch.bfloat16))
+            m = out[arch] = {k: float(np.median(v)) for k, v in runs.items()}
+            print(f"   {arch:<14}{m['loop fp32']:>11.1f}{m['loop bf16']:>11.1f}{m['loop bf16'] / m['loop fp32']:>7.2f}"
+                  f"{m['bare fp32']:>11.1f}{m['bare bf16']:>11.1f}{m['bare bf16'] / m['bare fp32']:>7.2f}", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -247,7 +308,7 @@ def main() -> None:
     p.add_argument("--overhead-address", default=None, help="run the overhead sweep on this running Ray cluster (e.g. `auto` for a "
                    "`ray start --head` kept between sweeps) instead of a fresh local Ray")
     p.add_argument("--gradcam-images", type=int, default=0, help="images per Grad-CAM measurement (default: 256 on CPU, 1024 on CUDA)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["training", "overhead", "gradcam"], help="parts to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["training", "precision", "overhead", "gradcam"], help="parts to leave out")
     args = p.parse_args()
     from training.engine import pick_device
     from model_zoo import list_models
@@ -257,6 +318,8 @@ def main() -> None:
     big = device.type == "cuda"
     sizes = {m: args.images or (20_000 if big else (384 if m == "resnet18" else 2048)) for m in list_models()}
     training = bench_training(device, sizes, args.rounds, args.workers) if "training" not in args.skip else {}
+    if "precision" not in args.skip:
+        bench_precision(device, sizes, args.rounds)
     if "overhead" not in args.skip:
         bench_overhead(args.overhead_trials, args.overhead_epochs, args.overhead_images, args.overhead_address)
     if "gradcam" not in args.skip:

@@ -99,6 +99,8 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
         raise InputError(f"the logged config of run {best.run_id} no longer validates: {problems}")
     rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
     prepare_data(rerun)  # the data the best run was trained on, not the YAML's current data settings
+    if problem := precision_mismatch(best.get("tags.precision"), trial.amp, rerun.resources.gpu):
+        print(f"warning: {problem}", file=sys.stderr)
     print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), selected by {metric} = {best[f'metrics.{metric}']:.4f}")
     code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
     rerun_filter = f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'"
@@ -109,3 +111,17 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
         print(f"{key:<26}{a:>12.4f}{b:>12.4f}" if a == a and b == b and a is not None and b is not None else f"{key:<26}{a!s:>12}{b!s:>12}")
     print(f"original run {best.run_id}, rerun {new.run_id}")
     return code
+
+
+def precision_mismatch(logged: str | None, amp: bool, gpus: float) -> str | None:
+    """Why a rerun here cannot repeat a run exactly that trained in ``logged`` precision (its tag), or None: a CPU rerun
+    picks its precision from this machine's CPU, as the trial did from its own."""
+    from training.engine import pick_precision
+
+    if not logged or gpus > 0:  # (runs logged before the tag; a GPU rerun's precision depends on the GPU it lands on)
+        return None
+    here = pick_precision(__import__("torch").device("cpu"), amp).name
+    if here == logged:
+        return None
+    return (f"the best run trained in {logged}; this machine's CPU trains the rerun in {here} "
+            f"({'it has no native bf16' if here == 'fp32' else 'it has native bf16'}), so the rerun cannot repeat the run exactly")

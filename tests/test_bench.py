@@ -13,6 +13,9 @@ def test_benchmark_prints_every_figure():
     text = out.stdout
     for model in ("plain_cnn", "residual_cnn", "se_cnn", "resnet18"):  # 1. stresslab vs reference, with the ratio
         assert re.search(rf"^\s+{model}\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\d$", text, re.M), text
+    assert "1b. fp32 vs bf16 autocast on this CPU (" in text  # 1b. each model's loop and bare step in both precisions
+    for model in ("plain_cnn", "residual_cnn", "se_cnn", "resnet18"):
+        assert re.search(rf"^\s+{model}(\s+\d+\.\d){{2}}\s+\d+\.\d\d(\s+\d+\.\d){{2}}\s+\d+\.\d\d$", text, re.M), text
     assert re.search(r"plain process pool: \d+\.\d s \(\d+\.\d s before the sweep, its processes' start included, \+ \d+\.\d s after; a trial \d+\.\d s", text), text  # 2.
     assert re.search(r"Ray Tune \+ MLflow sweep: \d+\.\d s \(first trial started after \d+\.\d s", text), text
     assert re.search(r"overhead: \d+\.\d% of the sweep's wall time", text), text  # a sweep cannot cost less than the plain pool

@@ -35,3 +35,18 @@ def test_mlflow_system_metrics_monitor_takes_what_a_trial_passes():
     parameters = inspect.signature(SystemMetricsMonitor).parameters
     assert {"run_id", "sampling_interval", "resume_logging", "tracking_uri"} <= set(parameters)
     assert callable(SystemMetricsMonitor.start) and callable(SystemMetricsMonitor.finish)
+    for name in ("collect_metrics", "aggregate_metrics", "publish_metrics"):  # finish_system_metrics' last sample
+        assert callable(getattr(SystemMetricsMonitor, name)), name
+    source = inspect.getsource(SystemMetricsMonitor.__init__)
+    assert "self._logging_step" in source and "self.mlflow_logger" in source
+
+
+def test_torch_still_reports_the_cpus_bf16_support():
+    import torch
+
+    from tracking.private_apis import cpu_native_bf16
+
+    assert isinstance(torch.cpu._is_avx512_bf16_supported(), bool) and isinstance(torch.cpu._is_amx_tile_supported(), bool)
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if flags:  # what Linux says of the CPU agrees with what torch says
+        assert cpu_native_bf16() == ("avx512_bf16" in flags or "amx_tile" in flags)

@@ -12,6 +12,7 @@ from tracking import metrics
 from config.schema import build
 from config.settings import TrialConfig
 from tests.conftest import TINY
+import trainable
 from trainable import DivergedError, fit
 from tracking import TrialRun
 
@@ -267,17 +268,73 @@ def test_end_of_trial_robustness_is_reported_as_metrics():
 
 
 def test_determinism_settings_follow_the_config_and_are_stated():
-    from training.engine import determinism, seed_everything
+    from training.engine import FP32, Precision, determinism, seed_everything
+
+    bf16 = Precision(torch.bfloat16, None)
 
     try:
         seed_everything(0, deterministic=True)
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert determinism(torch.device("cpu"), tiny()).startswith("bitwise deterministic on the same CPU thread count")
-        assert determinism(torch.device("cuda"), tiny()).startswith("bitwise deterministic on the same GPU model")
-        assert "Inductor" in determinism(torch.device("cuda"), tiny(compile=True))
+        assert determinism(torch.device("cpu"), tiny(), FP32).startswith("bitwise deterministic on the same CPU thread count in fp32")
+        assert "a CPU with native bf16: one without trains in fp32" in determinism(torch.device("cpu"), tiny(), bf16)
+        assert determinism(torch.device("cuda"), tiny(), bf16).startswith("bitwise deterministic on the same GPU model in bf16 autocast")
+        assert "Inductor" in determinism(torch.device("cuda"), tiny(compile=True), bf16)
         seed_everything(0, deterministic=False)
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
-        assert determinism(torch.device("cuda"), tiny(deterministic=False)).startswith("not deterministic")
+        assert determinism(torch.device("cuda"), tiny(deterministic=False), bf16).startswith("not deterministic")
     finally:
         seed_everything(0, deterministic=True)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_cpu_trains_in_bf16_only_where_it_has_native_bf16_and_always_evaluates_in_fp32(monkeypatch, native):
+    """amp: true on a CPU: the training forward runs under bf16 autocast where torch reports native bf16 (simulated
+    both ways), fp32 elsewhere; validation and the test set always see fp32 activations. Asserted on the dtype of the
+    activations the model's classifier head receives."""
+    import training.engine as engine
+
+    monkeypatch.setattr(engine, "cpu_native_bf16", lambda: native)
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def hook(module, inputs, output):
+        seen.append((module.training, output.dtype))
+
+    real_create = trainable.create_model
+
+    def create_model(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+        model.head.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainable, "create_model", create_model)
+    run = TrialRun()
+    values = trainable.fit(tiny(epochs=1, amp=True), run, lambda values, state: None, threads=1)
+    train = {dtype for training, dtype in seen if training}
+    evaluated = {dtype for training, dtype in seen if not training}
+    assert train == ({torch.bfloat16} if native else {torch.float32}) and evaluated == {torch.float32}
+    assert math.isfinite(values[metrics.TEST_ACC])
+    assert engine.pick_precision(torch.device("cpu"), amp=True).name == ("bf16 autocast" if native else "fp32")
+    assert engine.pick_precision(torch.device("cpu"), amp=False).name == "fp32"
+
+
+@pytest.mark.skipif(not __import__("tracking.private_apis", fromlist=["x"]).cpu_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_training_on_a_cpu_repeats_exactly_with_the_same_threads():
+    """The rerun promise under bf16 autocast on a CPU: the same config and thread count give the same test predictions."""
+    first, second = ([], [])
+    for out in (first, second):
+        run = TrialRun()
+        trainable.fit(tiny(epochs=2, amp=True), run, lambda values, state, out=out: out.append(values), threads=1)
+    assert first[-1][metrics.TEST_ACC] == second[-1][metrics.TEST_ACC] and first[-1][metrics.TEST_LOSS] == second[-1][metrics.TEST_LOSS]
+
+
+def test_a_rerun_on_a_cpu_without_native_bf16_says_it_cannot_be_exact(monkeypatch):
+    import training.engine as engine
+    from launch.best import precision_mismatch
+
+    monkeypatch.setattr(engine, "cpu_native_bf16", lambda: False)
+    assert "this machine's CPU trains the rerun in fp32 (it has no native bf16)" in precision_mismatch("bf16 autocast", True, 0)
+    assert precision_mismatch("fp32", True, 0) is None and precision_mismatch(None, True, 0) is None
+    monkeypatch.setattr(engine, "cpu_native_bf16", lambda: True)
+    assert precision_mismatch("bf16 autocast", True, 0) is None and "in bf16 autocast" in precision_mismatch("fp32", True, 0)
+    assert precision_mismatch("fp32", False, 0) is None

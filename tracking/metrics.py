@@ -8,6 +8,15 @@ LR = "lr"
 EPOCH_SECONDS = "time/epoch_s"
 IMAGES_PER_SECOND = "time/images_per_s"
 EPOCH = "epoch"
+# Where a trial's time goes, in seconds: its start (data, model), each epoch's rest (validation, logging, checkpoint,
+# report; beside time/epoch_s, the training), and at the end the test set, the corruption test, the attacks and the
+# artifacts (weights, predictions, figures, the logged model).
+TIME_SETUP = "time/setup_s"
+TIME_EPOCH_REST = "time/epoch_rest_s"
+TIME_TEST = "time/test_s"
+TIME_ROBUSTNESS = "time/robustness_s"
+TIME_ADVERSARIAL = "time/adversarial_s"
+TIME_ARTIFACTS = "time/artifacts_s"
 
 TEST_LOSS = "test/loss"
 TEST_ACC = "test/acc"

@@ -1,4 +1,4 @@
-"""Every use of a private Ray or MLflow API, in one place, each with why no public one does, and each pinned by
+"""Every use of a private Ray, MLflow or torch API, in one place, each with why no public one does, and each pinned by
 ``tests/test_private_apis.py``, which fails when an upgrade moves or changes it (rather than the sweep, silently).
 
 - ``worker_logs_to``: Ray routes the trials' forwarded output through a handler ``ray.init`` installs; no public API
@@ -8,8 +8,12 @@
 - ``LOCAL_RAY_SYSTEM_CONFIG``: Ray prestarts a worker per CPU for the first driver; a sweep's runtime_env makes its
   trial actors need workers of their own, so those would boot and exit beside them (~2 CPU-s on 2 cores). Only
   ``ray.init``'s private ``_system_config`` turns it off.
-- ``system_metrics_monitor``: MLflow's public switch (``log_system_metrics=True``) works for fluent runs started in the
-  process; a trial logs to a run the driver created, through ``MlflowClient``, so the monitor is started directly.
+- ``cpu_native_bf16``: whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's own CPU dispatch
+  sees it; torch answers only through ``torch.cpu._is_*_supported`` (``get_cpu_capability`` says AVX512, not BF16).
+- ``system_metrics_monitor``, ``finish_system_metrics``: MLflow's public switch (``log_system_metrics=True``) works for
+  fluent runs started in the process; a trial logs to a run the driver created, through ``MlflowClient``, so the monitor
+  is started directly. Its loop publishes a sample only after a whole sampling interval, and drops the one in hand on
+  shutdown: a trial shorter than that would log none, so the finish publishes one last sample where none was.
 """
 from __future__ import annotations
 
@@ -59,5 +63,24 @@ def system_metrics_monitor(run_id: str, interval: float, resume: bool, tracking_
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resume, tracking_uri=tracking_uri)
+    monitor._start_step = monitor._logging_step  # (where a resumed trial's steps go on from)
     monitor.start()
     return monitor
+
+
+def cpu_native_bf16() -> bool:
+    """Whether torch sees native bf16 on this CPU: AVX512-BF16 (Zen 4, Cooper Lake and later) or AMX tiles (Sapphire
+    Rapids and later). Without either, bf16 autocast is emulated and slower than fp32."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def finish_system_metrics(monitor) -> None:
+    """Stop the monitor; where it published nothing yet (a trial shorter than one sampling interval), one sample now."""
+    started_at = getattr(monitor, "_start_step", 0)
+    monitor.finish()
+    if monitor._logging_step == started_at:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
