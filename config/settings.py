@@ -27,7 +27,7 @@ class DataConfig:
     download: bool = True  # torchvision downloads when the files are missing (needs internet)
     cache_dir: Union[str, None] = None  # decoded-uint8 cache; default $STRESSLAB_CACHE or ~/.cache/stresslab
     val_fraction: float = 0.1
-    subset: Union[int, None] = None  # class-balanced training subset size for quick runs
+    subset: Union[int, None] = None  # class-balanced training subset size for quick runs (validation: val_fraction x subset)
     test_subset: Union[int, None] = None  # class-balanced test subset (indices keep the official order)
     split_seed: int = 0  # fixed across trial seeds so every seed sees the same split
     num_classes: int = 10  # synthetic only

@@ -105,8 +105,10 @@ def load_bundle(data: dict, device: torch.device | str = "cpu") -> DataBundle:
     images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
     seed = data.get("split_seed", 0)
     train_idx, val_idx = split_indices(images.train_y, data.get("val_fraction", 0.0), seed)
-    if data.get("subset"):
+    if data.get("subset"):  # the validation split shrinks with it: val_fraction of the subset, not of the whole set
         train_idx = random_balanced_subset(train_idx, images.train_y, data["subset"], seed)
+        if len(val_idx):
+            val_idx = random_balanced_subset(val_idx, images.train_y, max(1, round(data["subset"] * data.get("val_fraction", 0.0))), seed)
     test_idx = np.arange(len(images.test_y))
     if data.get("test_subset"):
         test_idx = random_balanced_subset(test_idx, images.test_y, data["test_subset"], seed)

@@ -52,6 +52,10 @@ def split_problem(data: dict, images) -> str | None:
         if size and size < classes:
             return (f"data.{key} {size} is below the number of classes ({classes}): 0 images per class; "
                     f"use --set data.{key}={classes * 10} (or more), or leave it out")
+    val = round((data.get("subset") or 0) * data.get("val_fraction", 0.0))
+    if data.get("subset") and data.get("val_fraction") and val < classes:
+        return (f"the validation split, data.val_fraction x data.subset = {val} images, is below the number of classes ({classes}): "
+                f"0 per class; use --set data.subset={-(-classes // data['val_fraction'])} (or more)")
     fewest = int(np.bincount(images.train_y, minlength=classes).min())
     if round(fewest * data.get("val_fraction", 0.0)) >= fewest:
         return f"a class has {fewest} training image(s), all of which data.val_fraction {data['val_fraction']} puts in validation"

@@ -95,7 +95,7 @@ def test_balanced_subset():
 
 def test_bundle_keeps_test_indices_and_uses_train_statistics():
     bundle = load_bundle({"name": "synthetic", "n_train": 300, "n_test": 100, "val_fraction": 0.1, "subset": 100, "test_subset": 50})
-    assert len(bundle.train) == 100 and len(bundle.val) == 30 and len(bundle.test) == 50
+    assert len(bundle.train) == 100 and len(bundle.val) == 10 and len(bundle.test) == 50  # val: val_fraction of the subset
     images = sources.synthetic(n_train=300, n_test=100)
     idx = bundle.test.index.numpy()
     np.testing.assert_array_equal(bundle.test.x.numpy(), images.test_x[idx])  # index names the image
