@@ -197,8 +197,7 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
         report(values, checkpoint_state(model, optimizer, scheduler, precision, epoch + 1, stopper, run, best))
         if last:
             break
-        run.log_metrics({metrics.TIME_EPOCH_REST: time.perf_counter() - trained}, epoch + 1)  # validation, logging, checkpoint
-        values = {}
+        values = {metrics.TIME_EPOCH_REST: time.perf_counter() - trained}  # reported with the next epoch, beside its training
     return values
 
 

@@ -8,9 +8,10 @@ LR = "lr"
 EPOCH_SECONDS = "time/epoch_s"
 IMAGES_PER_SECOND = "time/images_per_s"
 EPOCH = "epoch"
-# Where a trial's time goes, in seconds: its start (data, model), each epoch's rest (validation, logging, checkpoint,
-# report; beside time/epoch_s, the training), and at the end the test set, the corruption test, the attacks and the
-# artifacts (weights, predictions, figures, the logged model).
+# Where a trial's time goes, in seconds: its start (data, model; with the first epoch), from the second epoch on the
+# previous epoch's rest (its validation, logging, checkpoint and report: beside time/epoch_s, the two add up to the time
+# between two epochs' metrics), and at the end the test set, the corruption test, the attacks and the artifacts
+# (weights, predictions, figures, the logged model).
 TIME_SETUP = "time/setup_s"
 TIME_EPOCH_REST = "time/epoch_rest_s"
 TIME_TEST = "time/test_s"
