@@ -195,10 +195,11 @@ def bench_training(device: torch.device, sizes: dict[str, int], rounds: int, wor
     out = {}
     for arch, n in sizes.items():
         warm = min(256, n)  # the default sizes are larger; a toy run warms up on its own size
-        stresslab_images_per_s(arch, warm, device), reference_images_per_s(arch, warm, device, workers)  # warm-up
+        amp = device.type != "cpu"  # on a CPU fp32, as the reference: 1b compares the precisions
+        stresslab_images_per_s(arch, warm, device, amp), reference_images_per_s(arch, warm, device, workers)  # warm-up
         ours, ref = [], []
         for _ in range(rounds):
-            ours.append(stresslab_images_per_s(arch, n, device))
+            ours.append(stresslab_images_per_s(arch, n, device, amp))
             ref.append(reference_images_per_s(arch, n, device, workers))
         out[arch] = (float(np.median(ours)), float(np.median(ref)))
         print(f"   {arch:<14}{out[arch][0]:>12.1f}{out[arch][1]:>12.1f}{out[arch][0] / out[arch][1]:>8.2f}", flush=True)
