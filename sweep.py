@@ -17,10 +17,9 @@ import tracking
 from config.errors import ConfigError, InputError
 from config.schema import as_dict, resolve, trial_configs
 from config.settings import ExperimentConfig
-from launch import best
-from launch import records
-from launch.data_check import prepare_data
+from launch import best, records
 from launch.checks import absolute_paths, available_gpus, check_gpus, check_writable
+from launch.data_check import prepare_data
 from launch.tuner import launch
 
 RESULTS_DIR = tracking.PROJECT_ROOT / "ray_results"

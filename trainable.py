@@ -21,16 +21,27 @@ import numpy as np
 import torch
 import yaml
 
-from tracking import metrics
-from config.settings import EarlyStoppingConfig, TrialConfig
-from data_zoo import Augmenter, load_bundle
-from training.engine import (FP32, build_optimizer, build_scheduler, classification_report, determinism, epoch_generator, evaluate,
-                             pick_device, pick_precision, predict, seed_everything, train_epoch)
-from model_zoo import create_model
 from config.grid import apply_overrides
 from config.schema import build
-from tracking import TrialRun, log_pytorch_model, run_name
+from config.settings import EarlyStoppingConfig, TrialConfig
+from data_zoo import Augmenter, load_bundle
+from model_zoo import create_model
+from tracking import TrialRun, log_pytorch_model, metrics, run_name
 from tracking.private_apis import finish_system_metrics
+from training.engine import (
+    FP32,
+    build_optimizer,
+    build_scheduler,
+    classification_report,
+    determinism,
+    epoch_generator,
+    evaluate,
+    pick_device,
+    pick_precision,
+    predict,
+    seed_everything,
+    train_epoch,
+)
 
 STATE_FILE = "state.pt"
 Report = Callable[[dict, dict], None]  # (metrics, checkpoint state) -> None
@@ -272,7 +283,7 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
 def robustness(model, bundle, cfg: TrialConfig, device) -> dict:
     """The corruption stress test on a class-balanced test subset: ``requested`` and ``images`` (the subset's size),
     ``accuracy`` (per corruption, severities 1-5) and ``metrics`` (mean accuracy over severities, as logged)."""
-    from stress.corruptions import first_per_class, classifier, corruption_accuracy
+    from stress.corruptions import classifier, corruption_accuracy, first_per_class
 
     labels = bundle.test.y.cpu().numpy()
     pos = first_per_class(labels, len(bundle.classes), cfg.robustness_images)

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
 import torch
 from matplotlib.figure import Figure
+from scipy.special import softmax
 
 from analysis.runs import RunRecord
 from tracking import metrics

@@ -9,9 +9,9 @@ import numpy as np
 from scipy import stats
 
 from analysis import gradcam, log
-from data_zoo.loader import normalise
 from analysis.runs import ImageCache, Predictions, RunRecord, load_model, safe_names
 from config.errors import InputError
+from data_zoo.loader import normalise
 from tracking import plots
 
 IGNORED_PARAMS = ("data.root", "data.cache_dir", "eval_batch_size")  # where and how fast, not what

@@ -13,9 +13,9 @@ import numpy as np
 
 from analysis import gradcam
 from analysis.attacks import adversarial_run
-from data_zoo.loader import normalise
 from analysis.runs import ImageCache, Predictions, RunRecord, load_model
 from config.settings import TrialConfig
+from data_zoo.loader import normalise
 from tracking import plots
 
 CENTRE = 16  # side of the central square (pixels of 32) against which border CAM mass is measured

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from analysis import gradcam
-from data_zoo.loader import normalise
 from analysis.runs import ImageCache, RunRecord, load_model
+from data_zoo.loader import normalise
 from tracking import metrics, plots
 
 if TYPE_CHECKING:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from analysis import attacks, calibration, compare, figures as overview, gradcam, label_issues, log, logged, persistent, report, robustness
+from analysis import attacks, calibration, compare, gradcam, label_issues, log, logged, persistent, report, robustness
+from analysis import figures as overview
 from analysis import workers as workers_pool
 from analysis.failures import ROAD_IMAGES, RunSettings
-from tracking import metrics
 from analysis.figures import GALLERY_CLASSES
 from analysis.runs import ImageCache, find_runs
+from tracking import metrics
 
 
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = metrics.CONFIDENCE_THRESHOLD, baseline: str | None = None, variant: str | None = None,

@@ -16,9 +16,8 @@ import jinja2
 import markupsafe
 import numpy as np
 
-from tracking import metrics
 from analysis.label_issues import weak_ensemble_warning
-
+from tracking import metrics
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}

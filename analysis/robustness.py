@@ -12,7 +12,6 @@ from analysis.runs import ImageCache, RunRecord, load_model
 from stress import corruptions
 from tracking import plots
 
-
 DEFAULT_CORRUPTION_IMAGES = 1000
 
 

@@ -10,7 +10,6 @@ from analysis import log
 from analysis.failures import RunAnalysis, RunSettings, analyse_run
 from analysis.runs import ImageCache, RunRecord
 
-
 RUNS_PER_WORKER = 8
 
 

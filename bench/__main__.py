@@ -32,8 +32,8 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A
 
 
 def trial_config(arch: str, n_train: int, epochs: int = 1, **extra):
-    from config.settings import TrialConfig
     from config.schema import build
+    from config.settings import TrialConfig
 
     problems: list = []
     data = {"name": "synthetic", "n_train": n_train, "n_test": 256, "val_fraction": 0.0}
@@ -311,8 +311,8 @@ def main() -> None:
     p.add_argument("--gradcam-images", type=int, default=0, help="images per Grad-CAM measurement (default: 256 on CPU, 1024 on CUDA)")
     p.add_argument("--skip", nargs="*", default=[], choices=["training", "precision", "overhead", "gradcam"], help="parts to leave out")
     args = p.parse_args()
-    from training.engine import pick_device
     from model_zoo import list_models
+    from training.engine import pick_device
 
     device = pick_device()
     print(f"stresslab benchmark on {torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'}, torch {torch.__version__}")

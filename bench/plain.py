@@ -6,8 +6,8 @@ import time
 
 def plain_trial(args: tuple[dict, int]) -> float:
     """One trial through ``trainable.fit`` with no Ray and no MLflow; its wall time."""
-    from config.settings import TrialConfig
     from config.schema import build
+    from config.settings import TrialConfig
     from tracking import TrialRun
     from trainable import fit
 

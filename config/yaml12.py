@@ -7,7 +7,6 @@ from typing import Any
 import yaml
 
 
-
 class Yaml12Loader(yaml.SafeLoader):
     """``safe_load`` with YAML 1.2's core schema for scalars: ``1e-3``, ``5e-4`` and ``.5`` are floats (YAML 1.1,
     PyYAML's default, reads the first two as strings), ``017`` is 17, and only true/false are booleans

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from launch.data_check import prepare_data
-from tracking import metrics
 import tracking
-from config.settings import ExperimentConfig
 from config.errors import InputError
+from config.settings import ExperimentConfig
 from config.yaml12 import load_yaml
-from tracking import EPOCHS_TAG, STOPPED_BY_TAG
+from launch.data_check import prepare_data
+from tracking import EPOCHS_TAG, STOPPED_BY_TAG, metrics
 
 
 def best_run(uri: str, name: str, metric: str, mode: str):
@@ -86,8 +85,8 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
     """Rerun the best trial with exactly its logged config (``launch``: sweep.py's) as a new run tagged ``rerun_of``; print both."""
     import mlflow
 
-    from config.settings import TrialConfig
     from config.schema import build
+    from config.settings import TrialConfig
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     metric, mode = selection(cfg, args.metric)

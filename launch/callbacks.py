@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from ray.tune import Callback
 
-from tracking import metrics
 import tracking
-from tracking import EPOCHS_TAG, STOPPED_BY_TAG
+from tracking import EPOCHS_TAG, STOPPED_BY_TAG, metrics
 
 
 class MlflowStatusCallback(Callback):

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 from config.errors import InputError
-
 from config.schema import trial_configs
 from config.settings import ExperimentConfig
 

@@ -10,7 +10,6 @@ from config.errors import InputError
 from launch import secret_files
 from tracking.private_apis import LOCAL_RAY_SYSTEM_CONFIG, refuses_token
 
-
 # MLflow prints a "View run" link for every run it ends (36 trials: 72 lines); the final summary prints the runs table's URL.
 QUIET_MLFLOW = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 

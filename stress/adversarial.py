@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tracking import metrics
 from data_zoo.loader import standardise
 from stress.corruptions import first_per_class
+from tracking import metrics
 
 EPSILONS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 

@@ -24,11 +24,31 @@ GIT_DIFF_FILE = "git_diff.patch"
 
 # The package's API: store.py (which store, its client, retried and paged calls), provenance.py (code, environment,
 # driver), trial_run.py (a trial's run and its logged model).
-from tracking.store import (  # noqa: E402
-    SWEEP_URI_ENV, TRANSIENT, artifact_root, check_store, client, default_tracking_uri, ensure_experiment, log_metrics, log_params,
-    resolve_tracking_uri, retry, search_all, set_tags, sweep_uri,
+from tracking.provenance import (  # noqa: E402
+    driver_alive,
+    driver_id,
+    environment_tags,
+    git_diff,
+    git_state,
+    images_digest,
+    reap_orphans,
 )
-from tracking.provenance import driver_alive, driver_id, environment_tags, git_diff, git_state, images_digest, reap_orphans  # noqa: E402
+from tracking.store import (  # noqa: E402
+    SWEEP_URI_ENV,
+    TRANSIENT,
+    artifact_root,
+    check_store,
+    client,
+    default_tracking_uri,
+    ensure_experiment,
+    log_metrics,
+    log_params,
+    resolve_tracking_uri,
+    retry,
+    search_all,
+    set_tags,
+    sweep_uri,
+)
 from tracking.trial_run import TrialRun, log_pytorch_model, run_name  # noqa: E402
 
 __all__ = [

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tracking import metrics
-from tracking.private_apis import cpu_native_bf16
 from config.settings import ScheduleConfig, TrialConfig
 from data_zoo import Augmenter, DataBundle, Split, iterate_batches
+from tracking import metrics
+from tracking.private_apis import cpu_native_bf16
 
 
 def pick_device() -> torch.device:
