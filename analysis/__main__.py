@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write the report to {out} ({err.strerror}); choose a writable folder with --out", file=sys.stderr)
         return 2
     try:
-        tracking.check_store(tracking.resolve_tracking_uri(args.tracking_uri), creating=False)
-        run_analysis(args.experiment, tracking.resolve_tracking_uri(args.tracking_uri), out, args.threshold,
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_store(uri, creating=False)
+        run_analysis(args.experiment, uri, out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
                      args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size,
                      args.allow_data_mismatch)

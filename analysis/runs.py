@@ -213,15 +213,15 @@ def load_model(record: RunRecord, device: str = "cpu"):
     return model.to(device).eval()
 
 
-def data_mismatch(record: RunRecord, x: np.ndarray, labels: np.ndarray) -> str | None:
-    """How the test images and labels loaded now (in prediction order) differ from what the run was tested on."""
+def data_mismatch(record: RunRecord, labels: np.ndarray, digest: str | None) -> str | None:
+    """How the test labels and the test images' SHA-256 (``digest``, None where the run logged none) loaded now, in
+    prediction order, differ from what the run was tested on."""
     logged = record.predictions.labels
     if len(labels) != len(logged) or (labels != logged).any():
         differ = int((labels != logged).sum()) if len(labels) == len(logged) else "all"
         return f"its test labels differ from the logged ones ({differ} of {len(logged)})"
-    now = tracking.images_digest(x)
-    if record.test_images_sha256 and now != record.test_images_sha256:
-        return f"its test images differ: SHA-256 {record.test_images_sha256[:16]}... logged, {now[:16]}... now"
+    if digest is not None and digest != record.test_images_sha256:
+        return f"its test images differ: SHA-256 {record.test_images_sha256[:16]}... logged, {digest[:16]}... now"
     return None
 
 
@@ -250,22 +250,33 @@ class ImageCache:
 
     def __init__(self):
         self._cache: dict[str, tuple] = {}
+        self._digests: dict[str, str] = {}  # SHA-256 of each data config's test images, computed once
 
     def get(self, run: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._get(run)[:3]
 
     def _get(self, run: RunRecord) -> tuple:
-        key = yaml.safe_dump(run.config["data"], sort_keys=True)
+        key = self._key(run)
         if key not in self._cache:
             self._cache[key] = test_images(run, labels=True)
         return self._cache[key]
+
+    @staticmethod
+    def _key(run: RunRecord) -> str:
+        return yaml.safe_dump(run.config["data"], sort_keys=True)
+
+    def _digest(self, run: RunRecord) -> str:
+        key = self._key(run)
+        if key not in self._digests:
+            self._digests[key] = tracking.images_digest(self._get(run)[0])
+        return self._digests[key]
 
     def check(self, runs: list[RunRecord], allow_mismatch: bool = False) -> None:
         """Refuse (InputError naming the run) where the data loaded now is not what a run was tested on: Grad-CAM and
         the stress tests would explain other pixels than its logged predictions; with ``allow_mismatch``, a warning."""
         for run in runs:
-            x, _, _, labels = self._get(run)
-            if problem := data_mismatch(run, x, labels):
+            labels = self._get(run)[3]
+            if problem := data_mismatch(run, labels, self._digest(run) if run.test_images_sha256 else None):
                 message = f"the data at {run.config['data'].get('root')} is not what run {run.name} was tested on: {problem}"
                 if not allow_mismatch:
                     raise InputError(f"{message}. Point data.root at the run's data (the analysis reads each run's logged data "

@@ -78,7 +78,7 @@ def grid_candidates(key: str, spec: Any, where: str, problems: list[tuple[str, s
 def grid_trials(grid: dict) -> int:
     """Number of grid points (random-search entries count once; num_samples multiplies)."""
     sizes = [len(v) for v in grid.values() if isinstance(v, list)]
-    return int(max(1, __import__("math").prod(sizes)))
+    return int(max(1, math.prod(sizes)))
 
 
 def expand_grid(grid: dict, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from typing import Any, Union
 
 from tracking import metrics
 
+PATH_SETTINGS = ("data.root", "data.cache_dir")  # settings that name a folder: made absolute by the driver, shortened in trial names
 SCHEDULES = ("constant", "multistep", "cosine", "onecycle")
 OPTIMIZERS = ("sgd", "adamw")
 TUNE_SCHEDULERS = ("none", "asha")

@@ -115,11 +115,13 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
 def precision_mismatch(logged: str | None, amp: bool, gpus: float) -> str | None:
     """Why a rerun here cannot repeat a run exactly that trained in ``logged`` precision (its tag), or None: a CPU rerun
     picks its precision from this machine's CPU, as the trial did from its own."""
+    import torch
+
     from training.engine import pick_precision
 
     if not logged or gpus > 0:  # (runs logged before the tag; a GPU rerun's precision depends on the GPU it lands on)
         return None
-    here = pick_precision(__import__("torch").device("cpu"), amp).name
+    here = pick_precision(torch.device("cpu"), amp).name
     if here == logged:
         return None
     return (f"the best run trained in {logged}; this machine's CPU trains the rerun in {here} "

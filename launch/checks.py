@@ -7,12 +7,11 @@ import dataclasses
 import json
 import os
 import shutil
-import urllib.parse
 from pathlib import Path
 
 import tracking
 from config.errors import ConfigError, InputError
-from config.settings import ExperimentConfig
+from config.settings import PATH_SETTINGS, ExperimentConfig
 
 
 def check_writable(args: argparse.Namespace) -> None:
@@ -27,7 +26,7 @@ def check_writable(args: argparse.Namespace) -> None:
     if db := tracking.store.sqlite_path(uri):
         folders.append(db.parent)
         if not args.register_best:  # the runs' artifacts (weights, predictions): written at each trial's end
-            folders.append(Path(urllib.parse.urlparse(tracking.artifact_root(uri)).path))
+            folders.append(tracking.store.artifact_folder(uri))
     need = float(os.environ.get("STRESSLAB_MIN_FREE_MB", "100")) * 2**20
     for folder in folders:
         flag = "--storage" if folder == Path(args.storage) else "--tracking-uri"
@@ -41,9 +40,6 @@ def check_writable(args: argparse.Namespace) -> None:
         if (free := shutil.disk_usage(folder).free) < need:
             raise PermissionError(f"{folder} has {free / 2**20:.0f} MB free, below the {need / 2**20:.0f} MB a sweep needs "
                                   f"(STRESSLAB_MIN_FREE_MB); free some space or choose another folder with {flag}")
-
-
-PATH_SETTINGS = ("data.root", "data.cache_dir")
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

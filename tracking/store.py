@@ -44,10 +44,16 @@ def sweep_uri(sweep: dict) -> str:
     return moved.get(sweep.get("sweep_id", ""), sweep["tracking_uri"])
 
 
-def artifact_root(uri: str) -> str | None:
+def artifact_folder(uri: str) -> Path | None:
     """Artifact folder beside a local SQLite store (None for a server, which has its own)."""
     db = sqlite_path(uri)
-    return (db.parent / "artifacts").as_uri() if db else None
+    return db.parent / "artifacts" if db else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """``artifact_folder`` as the file URI MLflow takes for an experiment's artifact location."""
+    folder = artifact_folder(uri)
+    return folder.as_uri() if folder else None
 
 
 def check_store(uri: str, creating: bool) -> None:

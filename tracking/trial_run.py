@@ -19,13 +19,15 @@ from tracking.store import TRANSIENT, client, log_metrics, log_params, retry, se
 
 def run_name(trial: dict, overrides: dict[str, Any]) -> str:
     """Readable run name: ``resnet18-cutout-s42``, plus any other searched setting (``-lr0.031``)."""
+    from config.settings import PATH_SETTINGS  # (here: the settings module imports tracking's metric names)
+
     augment = trial.get("augment", "none")
     augment = augment if isinstance(augment, str) else "+".join(augment) or "none"
     parts = [str(trial.get("arch")), augment, f"s{trial.get('seed')}"]
     for key, value in overrides.items():
         if key not in ("arch", "augment", "seed"):
             if isinstance(value, str):  # data.name=imagefolder -> "imagefolder"; a path by its last part (a trial name holds no '/')
-                parts.append(Path(value).name if key.endswith((".root", ".cache_dir")) else value.replace("/", "_"))
+                parts.append(Path(value).name if key in PATH_SETTINGS else value.replace("/", "_"))
             elif isinstance(value, list):
                 parts.append(f"{key.split('.')[-1]}{'x'.join(map(str, value))}")  # model.widths=[8, 16] -> "widths8x16"
             else:
