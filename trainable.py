@@ -282,16 +282,24 @@ def finish(model, bundle, cfg: TrialConfig, device, run: TrialRun, step: int, te
 
 def robustness(model, bundle, cfg: TrialConfig, device) -> dict:
     """The corruption stress test on a class-balanced test subset: ``requested`` and ``images`` (the subset's size),
-    ``accuracy`` (per corruption, severities 1-5) and ``metrics`` (mean accuracy over severities, as logged)."""
-    from stress.corruptions import classifier, corruption_accuracy, first_per_class
+    ``accuracy`` (per corruption, severities 1-5), ``summary`` (the 15-corruption mean, its per-severity profile, the
+    extras apart), ``source`` (published arrays or generated) and ``metrics`` (as logged)."""
+    from stress import corruptions
+    from stress.corruptions.published import published_sets
 
     labels = bundle.test.y.cpu().numpy()
-    pos = first_per_class(labels, len(bundle.classes), cfg.robustness_images)
-    classify = classifier(model, bundle.mean, bundle.std, cfg.eval_batch_size, device)
-    accuracy = corruption_accuracy(classify, bundle.test.x.cpu().numpy()[pos], labels[pos])
+    pos = corruptions.first_per_class(labels, len(bundle.classes), cfg.robustness_images)
+    classify = corruptions.classifier(model, bundle.mean, bundle.std, cfg.eval_batch_size, device)
+    x = bundle.test.x.cpu().numpy()[pos]
+    published = published_sets(cfg.robustness_data, bundle.test.index.cpu().numpy()[pos], labels[pos], x.shape[2:]) if cfg.robustness_data else None
+    sets = corruptions.corrupted_sets(x, published=published)
+    accuracy = corruptions.corruption_accuracy(classify, None, labels[pos], sets=sets)
+    summary = corruptions.summarise(accuracy)
     values = {metrics.CORRUPTION_ACC.format(name): float(np.mean(acc)) for name, acc in accuracy.items()}
-    values[metrics.MEAN_CORRUPTION_ACC] = float(np.mean(list(values.values())))
-    return {"requested": cfg.robustness_images, "images": int(len(pos)), "accuracy": accuracy, "metrics": values}
+    values[metrics.MEAN_CORRUPTION_ACC], values[metrics.EXTRAS_CORRUPTION_ACC] = summary["mean"], summary["extras_mean"]
+    values.update({metrics.SEVERITY_CORRUPTION_ACC.format(s): v for s, v in zip(corruptions.SEVERITIES, summary["per_severity"])})
+    return {"requested": cfg.robustness_images, "images": int(len(pos)), "accuracy": accuracy, "summary": summary,
+            "source": corruptions.source(published, cfg.robustness_data), "metrics": values}
 
 
 def adversarial_test(model, bundle, cfg: TrialConfig, device) -> dict:

@@ -9,6 +9,7 @@ import tracking
 from analysis.failures import ROAD_IMAGES
 from analysis.pipeline import GALLERY_CLASSES, run_analysis
 from config.errors import InputError
+from stress.corruptions.published import PublishedArraysError
 from config.settings import TrialConfig
 from tracking import metrics
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corruption-images", type=int, help="class-balanced test images for the corruption stress test (0: skip). Default: the "
                                                           "trials' own test where every run ran it (robustness: true), read from its logs; "
                                                           "else 1000. Runs whose trial tested the same subset are read, not recomputed")
+    p.add_argument("--corruption-data", help="folder of the published CIFAR-10-C / -100-C arrays (<corruption>.npy, labels.npy) for the "
+                                             "runs this analysis tests; corruptions without a file are generated. Default: the "
+                                             "trials' robustness_data")
     p.add_argument("--road-images", type=int, default=ROAD_IMAGES, help="seeded test images per run on which Grad-CAM's ROAD "
                                                                         "faithfulness is measured, beside a random map's and a centred blob's "
                                                                         "(default %(default)s)")
@@ -73,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         run_analysis(args.experiment, uri, out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
                      args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size,
-                     args.allow_data_mismatch)
-    except InputError as err:
+                     args.allow_data_mismatch, args.corruption_data)
+    except (InputError, PublishedArraysError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -25,7 +25,7 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
                  log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = ROAD_IMAGES, workers: int | None = None,
                  adversarial_images: int | None = None, pgd_steps: int | None = None, pgd_step_size: float | None = None,
-                 allow_data_mismatch: bool = False) -> Path:
+                 allow_data_mismatch: bool = False, corruption_data: str | None = None) -> Path:
     """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);
     return the path of the HTML report."""
     start = time.perf_counter()
@@ -46,7 +46,8 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     figures["gallery"] = overview.class_gallery(runs[0], images, out, layers, gallery)
     extra |= {"calibration": calibration.calibration_step(runs, out, threshold), "persistent": persistent.persistent_step(runs, images, out, threshold, flagged)}
     wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else compare.infer_comparisons(runs)
-    extra["robustness"] = robustness.robustness_step(runs, images, out, corruption_images, wanted[0][0] if wanted else None)
+    extra["robustness"] = robustness.robustness_step(runs, images, out, corruption_images, wanted[0][0] if wanted else None,
+                                                     folder=corruption_data)
     comparisons = [c for b, v in wanted if (c := compare.compare_runs(runs, b, v, images, out, threshold, layers))]
     log(f"{len(comparisons)} comparison(s); writing the report")
     path = report.write_report(out, experiment, uri, threshold, analyses, comparisons, figures, extra)

@@ -135,14 +135,29 @@ def calibration_view(extra: dict) -> dict:
 
 
 def robustness_view(extra: dict) -> dict | None:
+    """The corruption section: per run the 15-corruption mean, its per-severity profile, the extras apart and the
+    mCE; the published anchor as the table's last row and in a sentence; where the corrupted images came from."""
     result = extra.get("robustness")
     if not result:
         return None
-    rows = [[name, fmt(r["clean"]), fmt(r["mean_corruption_acc"]), f"{r['mce'] * 100:.1f}"] for name, r in result["runs"].items()]
-    return {"images": result["images"], "corruptions": len(next(iter(result["runs"].values()))["accuracy"]),
-            "measured_in_trials": result.get("measured_in_trials", 0), "baseline_runs": ", ".join(result["baseline_runs"]),
-            "table": {"headers": ["run", "clean acc %", "mean corruption acc %", "mCE"], "rows": rows},
+    rows = [[name, fmt(r["clean"]), fmt(r["mean_corruption_acc"]), *map(fmt, r["per_severity"]), fmt(r["extras_mean_acc"]), f"{r['mce'] * 100:.1f}"]
+            for name, r in result["runs"].items()]
+    a = result["anchor"]
+    rows.append([f"{a['name']} (published)", fmt(a["clean"]), fmt(a["mean_corruption_acc"]), *map(fmt, a["per_severity"]), "-", "-"])
+    sources = {r["source"]["kind"] for r in result["runs"].values()}
+    return {"images": result["images"], "measured_in_trials": result.get("measured_in_trials", 0), "baseline_runs": ", ".join(result["baseline_runs"]),
+            "runs": len(result["runs"]), "source": " / ".join(sorted(sources)), "anchor": anchor_sentence(a),
+            "table": {"headers": ["run", "clean acc %", "15-corruption mean %", *[f"severity {s} %" for s in range(1, 6)], "4 extras mean %", "mCE (15)"],
+                      "rows": rows},
             "figure": figure(result.get("figure"), "accuracy per corruption and run")}
+
+
+def anchor_sentence(a: dict) -> str:
+    """The sweep's best run beside the published anchor, and what differs between the two figures."""
+    said = (f"The sweep's most robust run, {a['best_run']}, keeps {a['best_mean_corruption_acc'] * 100:.1f}% accuracy over the 15 CIFAR-10-C "
+            f"corruptions x 5 severities ({a['best_clean'] * 100:.1f}% clean); the published anchor, {a['name']}, keeps "
+            f"{a['mean_corruption_acc'] * 100:.2f}% ({a['clean'] * 100:.2f}% clean) on {a['source']}. What differs: {'; '.join(a['differs'])}.")
+    return said if a["comparable_data"] else said + " The anchor is a CIFAR-10 figure; this sweep's data is another, so the two do not compare."
 
 
 def adversarial_view(extra: dict) -> dict | None:
@@ -227,8 +242,9 @@ def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
         if extra.get("robustness"):
             runs = extra["robustness"]["runs"]
             best = min(runs, key=lambda n: runs[n]["mce"])
-            out.append(f"Most robust to corruptions: {best} (mCE {runs[best]['mce'] * 100:.1f}, mean corruption accuracy {runs[best]['mean_corruption_acc'] * 100:.1f}% "
-                       f"vs {runs[best]['clean'] * 100:.1f}% clean).")
+            out.append(f"Most robust to corruptions: {best} (mCE {runs[best]['mce'] * 100:.1f}, mean accuracy over the 15 corruptions "
+                       f"{runs[best]['mean_corruption_acc'] * 100:.1f}% vs {runs[best]['clean'] * 100:.1f}% clean; published anchor "
+                       f"{extra['robustness']['anchor']['mean_corruption_acc'] * 100:.2f}%).")
     return out
 
 

@@ -1,5 +1,6 @@
-"""Accuracy under every corruption and severity (``stress/corruptions.py``) on a class-balanced test subset, per run,
-and the mCE against the baseline runs: read from the trial where it ran the same test, else measured here."""
+"""Accuracy under every corruption and severity (``stress/corruptions``) on a class-balanced test subset, per run:
+the 15-corruption mean the literature reports, its per-severity profile, the 4 extras apart, and the mCE against
+the baseline runs; read from the trial where it ran the same test, else measured here."""
 from __future__ import annotations
 
 import json
@@ -10,22 +11,41 @@ import numpy as np
 from analysis import log
 from analysis.runs import ImageCache, RunRecord, load_model
 from stress import corruptions
+from stress.corruptions.published import published_sets
 from tracking import plots
 
 DEFAULT_CORRUPTION_IMAGES = 1000
 
 
+def published_folder(runs: list[RunRecord], folder: str | None) -> str | None:
+    """The published arrays to read: ``folder`` if given, else the one every run's trial read (``robustness_data``)."""
+    logged = {r.params.get("robustness_data") if r.params.get("robustness_data") not in (None, "None") else None for r in runs}
+    return folder or (logged.pop() if len(logged) == 1 else None)
+
+
+def reusable(trial: dict | None, n_images: int, folder: str | None) -> bool:
+    """A trial's logged test stands for this one: the same subset size, every corruption, the same published folder
+    (its ``source`` well formed: a store's content is data, not trusted)."""
+    source = (trial or {}).get("source")
+    well_formed = isinstance(source, dict) and source.get("kind") in ("published", "generated", "mixed") \
+        and isinstance(source.get("generated"), list) and isinstance(source.get("libraries"), dict)
+    return bool(trial) and well_formed and trial["images"] == n_images and set(trial["accuracy"]) == set(corruptions.CORRUPTIONS) \
+        and source.get("published_folder") == folder
+
+
 def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_images: int | None, baseline: tuple[str, str] | None,
-                    reuse: bool = True) -> dict | None:
-    """Accuracy under every corruption and severity on a class-balanced test subset; mCE against the baseline runs.
+                    reuse: bool = True, folder: str | None = None) -> dict | None:
+    """Accuracy under every corruption and severity on a class-balanced test subset; mCE (over the 15) against the
+    baseline runs; the published anchor beside the best run.
 
-    A run whose trial ran the same test (``robustness: true`` on the same subset) is read from its logged
-    robustness.json: same subset rule, corruption seeds and fp32 model, so the same numbers (a test checks it) without
-    the inference, which dominates a CPU analysis (ResNet-18: minutes per run). ``n_images`` None means the trials'
-    subset where every run logged one of the same size, else DEFAULT_CORRUPTION_IMAGES."""
-
+    A run whose trial ran the same test (``robustness: true`` on the same subset, from the same published arrays or
+    none) is read from its logged robustness.json: same subset rule, corruption seeds and fp32 model, so the same
+    numbers (a test checks it) without the inference, which dominates a CPU analysis. ``n_images`` None means the
+    trials' subset where every run logged one of the same size, else DEFAULT_CORRUPTION_IMAGES. ``folder``: the
+    published arrays (default: the trials' ``robustness_data``)."""
     if n_images == 0:
         return None
+    folder = published_folder(runs, folder)
     logged = {r.name: r.trial_robustness for r in runs} if reuse else {}
     if n_images is None:
         requested = {v["requested"] for v in logged.values() if v}
@@ -36,26 +56,57 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
         p = run.predictions
         pos = corruptions.first_per_class(p.labels, len(p.classes), n_images)  # the same definition the trials use
         trial = logged.get(run.name)
-        if trial and trial["images"] == len(pos) and set(trial["accuracy"]) == set(corruptions.CORRUPTIONS):  # one rule: equal size, same subset
-            results[run.name] = {"clean": float((p.preds[pos] == p.labels[pos]).mean()), "accuracy": trial["accuracy"], "measured": "trial"}
+        if reusable(trial, len(pos), folder):
+            results[run.name] = {"clean": float((p.preds[pos] == p.labels[pos]).mean()), "accuracy": trial["accuracy"], "measured": "trial",
+                                 "source": trial["source"]}
             continue
         key = (id(x), pos.tobytes())
-        if key not in generated:  # corrupted once per data set and subset, reused by every run on it
-            generated[key] = list(corruptions.corrupted_sets(x[pos]))
+        if key not in generated:  # corrupted (or read) once per data set and subset, reused by every run on it
+            published = published_sets(folder, p.index[pos], p.labels[pos], x.shape[2:]) if folder else None
+            generated[key] = (list(corruptions.corrupted_sets(x[pos], published=published)), corruptions.source(published, folder))
         predict = corruptions.classifier(load_model(run), mean, std)
-
-        results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()),
-                             "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key]), "measured": "analysis"}
+        results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()), "measured": "analysis", "source": generated[key][1],
+                             "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key][0])}
         log(f"corruptions: {run.name} done")
-    base_runs = [r.name for r in runs if baseline and r.params.get(baseline[0]) == baseline[1]] or [runs[0].name]
-    names = sorted(corruptions.CORRUPTIONS)
-    base_err = {c: list(np.mean([[1 - a for a in results[b]["accuracy"][c]] for b in base_runs], axis=0)) for c in names}
-    for name, r in results.items():
-        r["mean_corruption_acc"] = float(np.mean([np.mean(v) for v in r["accuracy"].values()]))
-        r["mce"] = corruptions.mean_corruption_error({c: [1 - a for a in r["accuracy"][c]] for c in names}, base_err)
-    summary = {"images": int(len(pos)), "baseline_runs": base_runs, "measured_in_trials": sum(r["measured"] == "trial" for r in results.values()),
-               "runs": results}
+    summary = {"images": int(len(pos)), "baseline_runs": baseline_runs(runs, baseline), "runs": results,
+               "measured_in_trials": sum(r["measured"] == "trial" for r in results.values())}
+    add_figures(summary)
+    summary["anchor"] = anchor(runs, summary)
     (out / "robustness.json").write_text(json.dumps(summary, indent=1))
+    names = list(corruptions.BENCHMARK) + list(corruptions.EXTRAS)
     matrix = np.array([[np.mean(results[r]["accuracy"][c]) for r in results] for c in names])
-    summary["figure"] = plots.plot_heatmap(matrix, names, list(results), out / "corruption_heatmap.png", "accuracy under corruption (mean over severities 1-5)")
+    labels = list(corruptions.BENCHMARK) + [f"{c} (extra)" for c in corruptions.EXTRAS]
+    summary["figure"] = plots.plot_heatmap(matrix, labels, list(results), out / "corruption_heatmap.png",
+                                           "accuracy under corruption (mean over severities 1-5); the 15 benchmark corruptions, then the extras")
     return summary
+
+
+def baseline_runs(runs: list[RunRecord], baseline: tuple[str, str] | None) -> list[str]:
+    return [r.name for r in runs if baseline and r.params.get(baseline[0]) == baseline[1]] or [runs[0].name]
+
+
+def add_figures(summary: dict) -> None:
+    """Per run: the 15-corruption mean (``mean_corruption_acc``), its per-severity profile, the extras' mean, and the
+    mCE over the 15 against the mean error of the baseline runs."""
+    results, bench = summary["runs"], corruptions.BENCHMARK
+    base_err = {c: list(np.mean([[1 - a for a in results[b]["accuracy"][c]] for b in summary["baseline_runs"]], axis=0)) for c in bench}
+    for r in results.values():
+        figures = corruptions.summarise(r["accuracy"])
+        r.update(mean_corruption_acc=figures["mean"], per_severity=figures["per_severity"], extras_mean_acc=figures["extras_mean"],
+                 mce=corruptions.mean_corruption_error({c: [1 - a for a in r["accuracy"][c]] for c in bench}, base_err))
+
+
+def anchor(runs: list[RunRecord], summary: dict) -> dict:
+    """The published figure beside the sweep's best run (by the 15-corruption mean), with what differs between them."""
+    results = summary["runs"]
+    best = max(results, key=lambda n: results[n]["mean_corruption_acc"])
+    params = next(r.params for r in runs if r.name == best)
+    source = results[best]["source"]
+    differs = [f"architecture ({params.get('arch', '?')} vs WideResNet-28-10)", f"training ({params.get('epochs', '?')} epochs vs 200)",
+               f"{summary['images']} class-balanced test images vs all 10,000",
+               "the published arrays" if source["kind"] == "published" else
+               f"corruptions generated here with seeded draws ({', '.join(f'{k} {v}' for k, v in source['libraries'].items())}) "
+               f"for {len(source['generated'])} of 19, not the published arrays"]
+    cifar10 = params.get("data.name", "cifar10") in ("cifar10", "imagefolder")
+    return {**corruptions.ANCHOR, "best_run": best, "best_mean_corruption_acc": results[best]["mean_corruption_acc"],
+            "best_clean": results[best]["clean"], "differs": differs, "comparable_data": cifar10}

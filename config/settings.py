@@ -12,7 +12,7 @@ from typing import Any, Union
 
 from tracking import metrics
 
-PATH_SETTINGS = ("data.root", "data.cache_dir")  # settings that name a folder: made absolute by the driver, shortened in trial names
+PATH_SETTINGS = ("data.root", "data.cache_dir", "robustness_data")  # settings that name a folder: made absolute by the driver, shortened in trial names
 SCHEDULES = ("constant", "multistep", "cosine", "onecycle")
 OPTIMIZERS = ("sgd", "adamw")
 TUNE_SCHEDULERS = ("none", "asha")
@@ -133,6 +133,7 @@ class TrialConfig:
     log_model: bool = True  # log the final model as an MLflow logged model (torch.export pt2; --register-best needs it); the weights are logged either way
     robustness: bool = False  # evaluate the corruption stress test at the end of the trial (logged as metrics + artifact)
     robustness_images: int = 1000  # class-balanced test images it uses
+    robustness_data: Union[str, None] = None  # folder of the published CIFAR-10-C / -100-C arrays (<corruption>.npy, labels.npy); null: generated
     adversarial: bool = False  # FGSM and PGD accuracy (L-infinity, adversarial.EPSILONS) at the end of the trial (metrics + artifact)
     adversarial_images: int = 100  # class-balanced test images it attacks
     adversarial_steps: int = 10  # PGD steps

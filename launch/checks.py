@@ -43,10 +43,11 @@ def check_writable(args: argparse.Namespace) -> None:
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Data root and cache made absolute, in the base settings and in the grid: trials run in Ray's own working
-    directories, where a relative path means something else."""
+    """Data root, cache and published corruption arrays made absolute, in the base settings and in the grid: trials
+    run in Ray's own working directories, where a relative path means something else."""
     absolute = lambda path: path if path is None else str(Path(path).expanduser().resolve())
     data = dataclasses.replace(cfg.data, root=absolute(cfg.data.root), cache_dir=absolute(cfg.data.cache_dir))
+    cfg = dataclasses.replace(cfg, robustness_data=absolute(cfg.robustness_data))
     grid = dict(cfg.grid)
     for key in PATH_SETTINGS:
         spec = grid.get(key)

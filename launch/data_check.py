@@ -11,11 +11,14 @@ from config.settings import ExperimentConfig
 
 
 def data_configs(cfg: ExperimentConfig) -> list[dict]:
-    """The distinct ``data`` sections the trials of ``cfg`` will load (a grid may vary them)."""
+    """The distinct ``data`` sections the trials of ``cfg`` will load (a grid may vary them), each with the
+    published-corruption folders (``robustness_data``) its trials read, under ``"published"``."""
     seen: dict[str, dict] = {}
     for trial in trial_configs(cfg):
         data = dataclasses.asdict(trial.data)
-        seen.setdefault(json.dumps(data, sort_keys=True, default=str), data)
+        entry = seen.setdefault(json.dumps(data, sort_keys=True, default=str), {**data, "published": set()})
+        if trial.robustness and trial.robustness_data:
+            entry["published"].add(trial.robustness_data)
     return list(seen.values())
 
 
@@ -26,8 +29,10 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
     from data_zoo import load_images
     from data_zoo.loader import source_options
     from data_zoo.sources import get_source
+    from stress.corruptions.published import PublishedArraysError, check_folder
 
     for data in data_configs(cfg):
+        published = data.pop("published")
         log(f"data: checking {data['name']} at {data['root']}")
         try:
             images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
@@ -37,6 +42,12 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
             raise InputError(f"data set {data['name']!r} is not usable at {data['root']} ({cause}). Fix: {hint}") from None
         if problem := split_problem(data, images):
             raise InputError(f"data set {data['name']!r} at {data['root']}: {problem}")
+        for folder in sorted(published):
+            try:
+                present = check_folder(folder, images.test_y, images.test_x.shape[2:])
+            except PublishedArraysError as err:
+                raise InputError(f"robustness_data for {data['name']!r}: {err}") from None
+            log(f"corruptions: {len(present)} read from the published arrays in {folder}, the rest generated")
 
 
 def split_problem(data: dict, images) -> str | None:

@@ -74,12 +74,14 @@ def test_the_trials_corruption_test_is_reused_and_equals_the_analysis_own(churn_
     for run in picked:
         computed = again["runs"][run.name]
         assert computed["measured"] == "analysis" and report["runs"][run.name]["measured"] == "trial"
-        assert len(computed["accuracy"]) == 11 and all(len(v) == 5 for v in computed["accuracy"].values())
+        assert len(computed["accuracy"]) == 19 and all(len(v) == 5 for v in computed["accuracy"].values())
         assert report["runs"][run.name]["accuracy"] == computed["accuracy"], run.name  # fractions of 40 images: exact
         assert report["runs"][run.name]["clean"] == pytest.approx(computed["clean"], abs=1e-12)
         logged = client.get_run(run.run_id).data.metrics
         for name, accuracy in computed["accuracy"].items():
             assert logged[f"robustness/{name}"] == pytest.approx(np.mean(accuracy), abs=1e-12), (run.name, name)
+        assert logged["robustness/mean"] == pytest.approx(computed["mean_corruption_acc"], abs=1e-12)  # the 15, not the 19
+        assert report["runs"][run.name]["source"]["kind"] == computed["source"]["kind"] == "generated"
 
 
 def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn_report):

@@ -259,12 +259,16 @@ def test_checkpoint_state_loads_weights_only(tmp_path):
 
 def test_end_of_trial_robustness_is_reported_as_metrics():
     result = fit(tiny(epochs=1, robustness=True, robustness_images=40), TrialRun(), Recorder())
-    from stress.corruptions import CORRUPTIONS
+    from stress.corruptions import BENCHMARK, CORRUPTIONS, EXTRAS
 
-    per_corruption = [k for k in result if k.startswith("robustness/") and k != metrics.MEAN_CORRUPTION_ACC]
-    assert sorted(per_corruption) == sorted(metrics.CORRUPTION_ACC.format(c) for c in CORRUPTIONS)
+    severities = [metrics.SEVERITY_CORRUPTION_ACC.format(s) for s in range(1, 6)]
+    per_corruption = [k for k in result if k.startswith("robustness/") and k not in (metrics.MEAN_CORRUPTION_ACC, metrics.EXTRAS_CORRUPTION_ACC, *severities)]
+    assert sorted(per_corruption) == sorted(metrics.CORRUPTION_ACC.format(c) for c in CORRUPTIONS) and len(per_corruption) == 19
     assert all(round(result[k] * 200) == pytest.approx(result[k] * 200, abs=1e-6) for k in per_corruption)  # means of 5 accuracies on 40 images
-    assert result[metrics.MEAN_CORRUPTION_ACC] == pytest.approx(np.mean([result[k] for k in per_corruption]))
+    assert result[metrics.MEAN_CORRUPTION_ACC] == pytest.approx(np.mean([result[metrics.CORRUPTION_ACC.format(c)] for c in BENCHMARK]))
+    assert result[metrics.EXTRAS_CORRUPTION_ACC] == pytest.approx(np.mean([result[metrics.CORRUPTION_ACC.format(c)] for c in EXTRAS]))
+    assert all(round(result[k] * 600) == pytest.approx(result[k] * 600, abs=1e-6) for k in severities)  # 15 accuracies on 40 images each
+    assert np.mean([result[k] for k in severities]) == pytest.approx(result[metrics.MEAN_CORRUPTION_ACC])  # equal-sized groups
 
 
 def test_determinism_settings_follow_the_config_and_are_stated():

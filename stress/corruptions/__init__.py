@@ -1,202 +1,44 @@
-"""The corruption stress test: CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019), generated on the fly.
+"""The corruption stress test: CIFAR-10-C (Hendrycks & Dietterich, ICLR 2019), generated on the fly or read from
+the published arrays (``published.py``).
 
-The published CIFAR-10-C files cannot be downloaded here, so the corruptions are applied to the test
-images with a fixed seed. Each follows the formula and the CIFAR parameters of hendrycks/robustness
-``ImageNet-C/create_c/make_cifar_c.py`` (float image in [0, 1], clipped, times 255, truncated to
-uint8 as ``np.uint8`` does there), vectorised over the batch. What differs from the published files:
-the random draws (a seeded ``numpy.random.Generator`` per corruption and severity, not the global
-``np.random`` state) and the subset of corruptions (those needing ImageMagick or the frost images are
-left out). ``tests/test_corruptions.py`` checks every one against an independent per-image reference.
+All 15 corruptions of the benchmark and its 4 extras, each following the formula and the CIFAR parameters of
+hendrycks/robustness ``ImageNet-C/create_c/make_cifar_c.py`` (float image in [0, 1], clipped, times 255, truncated
+to uint8 as ``np.uint8`` does there), vectorised over the batch: ``noise.py``, ``blur.py``, ``weather.py`` and
+``digital.py``. What differs from the published files: the random draws (a seeded ``numpy.random.Generator`` per
+corruption and severity, not the global ``np.random`` state) and the libraries' versions (OpenCV, SciPy, PIL);
+ImageMagick's motion blur is written out in numpy and equal to ImageMagick 6.9's. ``tests/test_corruptions.py``
+checks every one against an independent per-image reference.
 
-Images are uint8 (N, 3, H, W) numpy arrays throughout; severity 0 is the identity. Used by both the
-end-of-trial robustness metrics (``trainable.py``) and the analysis, on the same subset.
+Images are uint8 (N, 3, H, W) numpy arrays throughout; severity 0 is the identity. Used by both the end-of-trial
+robustness metrics (``trainable.py``) and the analysis, on the same subset.
 """
 from __future__ import annotations
 
-import io
+import zlib
 from typing import Callable, Iterator
 
-import cv2
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 
-SEVERITIES = (1, 2, 3, 4, 5)
-Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
-CORRUPTIONS: dict[str, Corruption] = {}
+from stress.corruptions import blur, digital, noise, weather  # noqa: F401  (each registers its corruptions)
+from stress.corruptions.registry import CORRUPTIONS, SEVERITIES
 
-
-def register(fn: Callable) -> Corruption:
-    """Decorator: ``fn`` maps float64 NHWC images in [0, 1] to float (clipped, x255, truncated) or to uint8 NHWC."""
-
-    def apply(x: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-        if severity == 0:
-            return x.copy()
-        out = fn(x.transpose(0, 2, 3, 1) / 255.0, severity, rng)
-        if out.dtype != np.uint8:
-            out = (np.clip(out, 0, 1) * 255).astype(np.uint8)  # truncation, as np.uint8(...) in make_cifar_c.py
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-
-    CORRUPTIONS[fn.__name__] = apply
-    return apply
+BENCHMARK = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "snow", "frost",
+             "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression")
+"""The 15 corruptions whose mean the literature reports (RobustBench, the CIFAR-10-C paper), in the paper's order."""
+EXTRAS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+"""CIFAR-10-C's 4 held-out corruptions: reported apart, never in the 15-corruption mean."""
+ANCHOR = {"name": "RobustBench CIFAR-10-C, Standard WideResNet-28-10", "clean": 0.9478, "mean_corruption_acc": 0.7346,
+          "per_severity": [0.869, 0.813, 0.749, 0.676, 0.565], "source": "published CIFAR-10-C arrays, 15 corruptions x 5 severities"}
+"""The published figure a CIFAR-10 model's 15-corruption mean is set beside (RobustBench leaderboard, "Standard")."""
 
 
-def _each(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    return np.stack([fn(img) for img in x])
-
-
-# --- noise ------------------------------------------------------------------------------------
-
-
-@register
-def gaussian_noise(x, severity, rng):
-    return x + rng.normal(size=x.shape, scale=[0.04, 0.06, 0.08, 0.09, 0.10][severity - 1])
-
-
-@register
-def shot_noise(x, severity, rng):
-    c = [500, 250, 100, 75, 50][severity - 1]
-    return rng.poisson(x * c) / c
-
-
-@register
-def impulse_noise(x, severity, rng):  # skimage.util.random_noise(mode='s&p'): each value flipped with p=amount, salt or pepper evenly
-    amount = [0.01, 0.02, 0.03, 0.05, 0.07][severity - 1]
-    flipped, salted = rng.random(x.shape) < amount, rng.random(x.shape) < 0.5
-    out = x.copy()
-    out[flipped & salted], out[flipped & ~salted] = 1.0, 0.0
-    return out
-
-
-# --- blur -------------------------------------------------------------------------------------
-
-
-@register
-def gaussian_blur(x, severity, rng):  # skimage.filters.gaussian: scipy's filter, 'nearest' border, 4 sigma
-    sigma = [0.4, 0.6, 0.7, 0.8, 1.0][severity - 1]
-    return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=4.0)
-
-
-def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
-    """A normalised disk on a 17x17 grid (radius <= 8), anti-aliased by a 3x3 Gaussian, float32."""
-    half, ksize = (8, (3, 3)) if radius <= 8 else (int(radius), (5, 5))
-    grid = np.arange(-half, half + 1)
-    xx, yy = np.meshgrid(grid, grid)
-    disk = ((xx**2 + yy**2) <= radius**2).astype(np.float32)
-    return cv2.GaussianBlur(disk / disk.sum(), ksize=ksize, sigmaX=alias_blur)
-
-
-@register
-def defocus_blur(x, severity, rng):
-    radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][severity - 1]
-    kernel = disk_kernel(radius, alias)
-    return _each(x, lambda img: cv2.filter2D(img, -1, kernel))
-
-
-# --- weather ----------------------------------------------------------------------------------
-
-
-def plasma_fractal(n: int, mapsize: int, decay: float, rng: np.random.Generator) -> np.ndarray:
-    """``n`` diamond-square height maps (n, mapsize, mapsize) scaled to [0, 1]; ``mapsize`` a power of two."""
-    maps = np.zeros((n, mapsize, mapsize))
-    step, wibble = mapsize, 100.0
-
-    def jitter(total: np.ndarray) -> np.ndarray:  # mean of four neighbours plus a random offset
-        return total / 4 + wibble * rng.uniform(-wibble, wibble, total.shape)
-
-    while step >= 2:
-        half = step // 2
-        corners = maps[:, 0::step, 0::step]
-        squares = corners + np.roll(corners, -1, axis=1)
-        maps[:, half::step, half::step] = jitter(squares + np.roll(squares, -1, axis=2))
-        centres = maps[:, half::step, half::step]
-        maps[:, 0::step, half::step] = jitter(centres + np.roll(centres, 1, axis=1) + corners + np.roll(corners, -1, axis=2))
-        maps[:, half::step, 0::step] = jitter(centres + np.roll(centres, 1, axis=2) + corners + np.roll(corners, -1, axis=1))
-        step, wibble = half, wibble / decay
-    maps -= maps.min(axis=(1, 2), keepdims=True)
-    return maps / maps.max(axis=(1, 2), keepdims=True)
-
-
-def fog_blend(x: np.ndarray, plasma: np.ndarray, strength: float) -> np.ndarray:
-    """make_cifar_c.py's fog: add the height map, rescale by the image's maximum over (maximum + strength)."""
-    top = x.max(axis=(1, 2, 3), keepdims=True)
-    return (x + strength * plasma[..., None]) * top / (top + strength)
-
-
-@register
-def fog(x, severity, rng):
-    strength, decay = [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)][severity - 1]
-    n, h, w, _ = x.shape
-    size = 1 << (max(h, w) - 1).bit_length()  # the smallest power of two that covers the image
-    return fog_blend(x, plasma_fractal(n, size, decay, rng)[:, :h, :w], strength)
-
-
-# --- digital ----------------------------------------------------------------------------------
-
-
-@register
-def contrast(x, severity, rng):
-    c = [0.75, 0.5, 0.4, 0.3, 0.15][severity - 1]
-    means = x.mean(axis=(1, 2), keepdims=True)  # one mean per image and channel
-    return (x - means) * c + means
-
-
-def _value_saturation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HSV value and saturation (skimage's rgb2hsv: S = (max - min) / max, 0 where max == min)."""
-    v = x.max(axis=-1, keepdims=True)
-    delta = v - x.min(axis=-1, keepdims=True)
-    return v, np.divide(delta, v, out=np.zeros_like(v), where=delta > 0)
-
-
-@register
-def brightness(x, severity, rng):  # HSV value + c: with hue and saturation fixed, RGB scales with V
-    c = [0.05, 0.1, 0.15, 0.2, 0.3][severity - 1]
-    v, _ = _value_saturation(x)
-    lifted = np.clip(v + c, 0, 1)
-    return np.where(v > 0, lifted - (v - x) * np.divide(lifted, v, out=np.zeros_like(v), where=v > 0), lifted)  # max channel exactly V
-
-
-@register
-def saturate(x, severity, rng):  # HSV saturation x c0 + c1: with hue and value fixed, V - RGB scales with S
-    c0, c1 = [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)][severity - 1]
-    v, s = _value_saturation(x)
-    s_new = np.clip(s * c0 + c1, 0, 1)
-    scaled = v - (v - x) * np.divide(s_new, s, out=np.zeros_like(s), where=s > 0)
-    grey = np.concatenate([v, v * (1 - s_new), v * (1 - s_new)], axis=-1)  # skimage gives grey pixels hue 0 (red)
-    return np.where(s > 0, scaled, grey)
-
-
-def _pil(img: np.ndarray) -> Image.Image:
-    return Image.fromarray((img * 255).round().astype(np.uint8))
-
-
-def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    _pil(img).save(buffer, "JPEG", quality=quality)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-@register
-def jpeg_compression(x, severity, rng):
-    quality = [80, 65, 58, 50, 40][severity - 1]
-    return _each(x, lambda img: _jpeg(img, quality))
-
-
-@register
-def pixelate(x, severity, rng):  # PIL BOX down to int(side * c), BOX back up
-    c = [0.95, 0.9, 0.85, 0.75, 0.65][severity - 1]
-    h, w = x.shape[1:3]
-    return _each(x, lambda img: np.asarray(_pil(img).resize((int(w * c), int(h * c)), Image.BOX).resize((w, h), Image.BOX)))
-
-
-# --- applying them ----------------------------------------------------------------------------
 
 
 def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
     """``x`` under corruption ``name`` at ``severity`` (0-5), reproducibly for a given ``seed``."""
     if name not in CORRUPTIONS:
         raise KeyError(f"unknown corruption {name!r}; known: {', '.join(sorted(CORRUPTIONS))}")
-    return CORRUPTIONS[name](x, severity, np.random.default_rng([seed, severity, sorted(CORRUPTIONS).index(name)]))
+    return CORRUPTIONS[name](x, severity, np.random.default_rng([seed, severity, zlib.crc32(name.encode())]))
 
 
 def first_per_class(labels: np.ndarray, num_classes: int, n_images: int) -> np.ndarray:
@@ -208,11 +50,35 @@ def first_per_class(labels: np.ndarray, num_classes: int, n_images: int) -> np.n
     return np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(num_classes)])
 
 
-def corrupted_sets(x: np.ndarray, seed: int = 0) -> Iterator[tuple[str, int, np.ndarray]]:
-    """(name, severity, images) for every corruption at severities 1-5, in a fixed order."""
+def corrupted_sets(x: np.ndarray, seed: int = 0, published: dict[tuple[str, int], np.ndarray] | None = None
+                   ) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(name, severity, images) for every corruption at severities 1-5, in a fixed order: from ``published``
+    (``published.published_sets`` of the same images) where it holds the corruption, else generated from ``x``."""
     for name in sorted(CORRUPTIONS):
         for severity in SEVERITIES:
-            yield name, severity, corrupt(x, name, severity, seed)
+            yield name, severity, published[name, severity] if published and (name, severity) in published else corrupt(x, name, severity, seed)
+
+
+def source(published: dict[tuple[str, int], np.ndarray] | None = None, folder: str | None = None) -> dict:
+    """Where each corruption's images came from, for robustness.json and the report: the published arrays' folder
+    and the corruptions read from it, the rest generated here with these libraries' versions."""
+    import importlib.metadata as md
+
+    read = sorted({name for name, _ in published}) if published else []
+    libraries = {lib: md.version(lib) for lib in ("numpy", "scipy", "opencv-python-headless", "pillow")}
+    return {"kind": "published" if len(read) == len(CORRUPTIONS) else "generated" if not read else "mixed",
+            "published": read, "published_folder": folder if read else None,
+            "generated": sorted(set(CORRUPTIONS) - set(read)), "libraries": libraries}
+
+
+def summarise(accuracy: dict[str, list[float]]) -> dict:
+    """The figures the literature reports, from accuracy per corruption and severity: the mean over the 15 benchmark
+    corruptions and 5 severities, its per-severity profile, and the 4 extras' mean apart (None where absent)."""
+    bench = np.array([accuracy[c] for c in BENCHMARK if c in accuracy])
+    extras = [np.mean(accuracy[c]) for c in EXTRAS if c in accuracy]
+    full = len(bench) == len(BENCHMARK)
+    return {"mean": float(bench.mean()) if full else None, "per_severity": [float(v) for v in bench.mean(0)] if full else None,
+            "extras_mean": float(np.mean(extras)) if len(extras) == len(EXTRAS) else None}
 
 
 def classifier(model, mean, std, batch_size: int = 500, device="cpu") -> Callable[[np.ndarray], np.ndarray]:
