@@ -9,7 +9,8 @@ Prints, on whatever device it finds, in one run:
      (half before and half after the sweep, so drift affects both);
   3. Grad-CAM images/s;
   4. on CUDA, each model's model-FLOPs utilisation against the GPU's bf16 peak (FLOPs counted by
-     ``torch.utils.flop_counter.FlopCounterMode``, forward + backward).
+     ``torch.utils.flop_counter.FlopCounterMode``, forward + backward);
+  5. the time to generate every CIFAR-10-C corrupted set for 1,000 images (``bench/corruptions.py``).
 
 ``python -m bench --gpu-proof`` is the GPU proof instead (``bench/gpu_proof.py``; see its --help).
 """
@@ -309,7 +310,8 @@ def main() -> None:
     p.add_argument("--overhead-address", default=None, help="run the overhead sweep on this running Ray cluster (e.g. `auto` for a "
                    "`ray start --head` kept between sweeps) instead of a fresh local Ray")
     p.add_argument("--gradcam-images", type=int, default=0, help="images per Grad-CAM measurement (default: 256 on CPU, 1024 on CUDA)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["training", "precision", "overhead", "gradcam"], help="parts to leave out")
+    p.add_argument("--corruption-images", type=int, default=1000, help="images per corrupted set in part 5 (default: %(default)s)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["training", "precision", "overhead", "gradcam", "corruptions"], help="parts to leave out")
     args = p.parse_args()
     from model_zoo import list_models
     from training.engine import pick_device
@@ -326,6 +328,10 @@ def main() -> None:
     if "gradcam" not in args.skip:
         bench_gradcam(device, args.gradcam_images or (1024 if big else 256))
     bench_mfu(device, training)
+    if "corruptions" not in args.skip:
+        from bench.corruptions import bench_corruptions
+
+        bench_corruptions(args.corruption_images)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ def test_a_sweep_and_the_analysis_read_the_published_arrays(tmp_path, monkeypatc
     _, test_x = write_cifar(tmp_path / "cifar", monkeypatch, hundred=False, n_train=200, n_test=40)
     test_y = np.array(__import__("pickle").loads((tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch").read_bytes())["labels"])
     write_published(tmp_path / "c10c", test_x, test_y)
-    monkeypatch.setenv("STRESSLAB_CACHE", str(tmp_path / "cache"))
-    data = {"name": "cifar10", "root": str(tmp_path / "cifar"), "download": False, "val_fraction": 0.2}
+    # The driver decodes the pickles (torchvision's md5 table patched here) into the cache the trials read: data.cache_dir,
+    # which travels with the config to Ray workers that may have started before this test.
+    data = {"name": "cifar10", "root": str(tmp_path / "cifar"), "cache_dir": str(tmp_path / "cache"), "download": False, "val_fraction": 0.2}
     path = write_experiments(tmp_path / "e.yaml", {"pub": {"epochs": 1, "data": data, "robustness": True, "robustness_images": 40,
                                                            "robustness_data": str(tmp_path / "c10c")}})
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
