@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corruption-data", help="folder of the published CIFAR-10-C / -100-C arrays (<corruption>.npy, labels.npy) for the "
                                              "runs this analysis tests; corruptions without a file are generated. Default: the "
                                              "trials' robustness_data")
+    p.add_argument("--cache-dir", help="where artifacts downloaded from a tracking server are kept and reused by every later analysis "
+                                       "(default $XDG_CACHE_HOME/stresslab/artifacts, else ~/.cache/stresslab/artifacts); a local store "
+                                       "is read in place")
     p.add_argument("--road-images", type=int, default=ROAD_IMAGES, help="seeded test images per run on which Grad-CAM's ROAD "
                                                                         "faithfulness is measured, beside a random map's and a centred blob's "
                                                                         "(default %(default)s)")
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         run_analysis(args.experiment, uri, out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
                      args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size,
-                     args.allow_data_mismatch, args.corruption_data)
+                     args.allow_data_mismatch, args.corruption_data, args.cache_dir)
     except (InputError, PublishedArraysError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from tracking import plots
 
 CENTRE = 16  # side of the central square (pixels of 32) against which border CAM mass is measured
 UNIFORM_BORDER = 1 - (CENTRE / 32) ** 2  # a CAM spread evenly puts this much mass on the border
+SHOWN = 24  # failures per run the report shows (the grid) and failures.json lists; the full list goes to MLflow
 ROAD_IMAGES = 32  # seeded test images per run on which Grad-CAM's ROAD faithfulness is measured
 
 
@@ -179,7 +180,8 @@ def road_step(model, target, x: np.ndarray, mean, std, pred, n_images: int) -> t
 
 def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSettings) -> RunAnalysis:
     """Failures (each marked whether its test image is a likely label error), Grad-CAM and categories of one run; writes
-    failures.json and its figures."""
+    failures.json (counts, categories and the SHOWN most confident failures, as the page shows them; the full list is
+    ``RunAnalysis.failures``, logged as the analysis run's ``tables/failures.json``) and its figures."""
     from model_zoo import gradcam_target
 
     threshold, max_cams = settings.threshold, settings.max_cams
@@ -220,13 +222,13 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSett
         "run_id": run.run_id, "run_name": run.name, "threshold": threshold, "count": len(found),
         "count_excluding_likely_label_errors": len(result.failures_excluding_label_errors),
         "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution), "road": road, "chance": chance,
-        "categories": [asdict(c) for c in categories], "failures": found}, indent=1))
-    titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:24]]
+        "categories": [asdict(c) for c in categories], "listed": min(SHOWN, len(found)), "failures": found[:SHOWN]}, indent=1))
+    titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:SHOWN]]
     road_titles = [t + (f" ROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
     if found:
-        result.figures["failures"] = gradcam.image_grid(x[[f["position"] for f in found[:24]]], titles, folder / "failures_grid.png")
+        result.figures["failures"] = gradcam.image_grid(x[[f["position"] for f in found[:SHOWN]]], titles, folder / "failures_grid.jpg")
         result.figures["gradcam"] = gradcam.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},
-                                                       road_titles[:shown], folder / "gradcam_failures.png")
+                                                       road_titles[:shown], folder / "gradcam_failures.jpg")
     confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
     result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)
     if settings.adversarial_images > 0:

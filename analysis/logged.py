@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def log_analysis_run(uri: str, experiment: str, out: Path, threshold: float) -> str:
+def log_analysis_run(uri: str, experiment: str, out: Path, threshold: float, failures: list[dict] | None = None) -> str:
     """Log the output folder as artifacts of an MLflow run of kind ``analysis`` in the same experiment (FAILED if the upload fails)."""
     mlflow_client = tracking.client(uri)
     exp_id = tracking.ensure_experiment(mlflow_client, experiment, "", uri)
@@ -30,7 +30,7 @@ def log_analysis_run(uri: str, experiment: str, out: Path, threshold: float) -> 
         import mlflow
 
         mlflow.set_tracking_uri(uri)  # log_table resolves the global URI
-        for name, table in analysis_tables(out).items():  # shown in the run's artifact view; mlflow.load_table reads them across runs
+        for name, table in analysis_tables(out, failures or []).items():  # shown in the run's artifact view; mlflow.load_table reads them across runs
             tracking.retry(lambda: mlflow.log_table(table, f"{TABLES_DIR}/{name}.json", run_id=run.info.run_id))
         status = "FINISHED"
     finally:
@@ -41,18 +41,15 @@ def log_analysis_run(uri: str, experiment: str, out: Path, threshold: float) -> 
 TABLES_DIR = "tables"
 
 
-def analysis_tables(out: Path) -> dict[str, "pd.DataFrame"]:
+def analysis_tables(out: Path, failures: list[dict]) -> dict[str, "pd.DataFrame"]:
     """The analysis's main tables, flat, from the JSON files it wrote: ``runs`` (one row per run), ``failures`` (one
-    per confident failure, every run), ``comparison_pairs`` (one per baseline/variant pair) and ``comparison_strata``
+    per confident failure, every run: ``failures``, each with its ``run_name`` and ``run_id``; the report folder lists
+    only the shown ones), ``comparison_pairs`` (one per baseline/variant pair) and ``comparison_strata``
     (one per architecture stratum and pooled, with the seed churn beside it)."""
     import pandas as pd
 
     summary = json.loads((out / "summary.json").read_text())
-    failures = []
-    for path in sorted((out / "runs").glob("*/failures.json")):
-        found = json.loads(path.read_text())
-        failures += [{"run_name": found["run_name"], "run_id": found["run_id"], **{k: v for k, v in f.items() if k != "position"}}
-                     for f in found["failures"]]
+    failures = [{k: v for k, v in f.items() if k != "position"} for f in failures]
     pairs, strata = [], []
     for path in sorted((out / "compare").glob("*/comparison.json")):
         result, comparison = json.loads(path.read_text()), path.parent.name

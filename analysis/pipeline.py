@@ -17,6 +17,7 @@ from analysis import figures as overview
 from analysis import workers as workers_pool
 from analysis.failures import ROAD_IMAGES, RunSettings
 from analysis.figures import GALLERY_CLASSES
+from analysis.artifacts import ArtifactReader
 from analysis.runs import ImageCache, find_runs
 from tracking import metrics
 
@@ -25,13 +26,14 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
                  layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
                  log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = ROAD_IMAGES, workers: int | None = None,
                  adversarial_images: int | None = None, pgd_steps: int | None = None, pgd_step_size: float | None = None,
-                 allow_data_mismatch: bool = False, corruption_data: str | None = None) -> Path:
+                 allow_data_mismatch: bool = False, corruption_data: str | None = None, cache_dir: str | None = None) -> Path:
     """Analyse every finished run of ``experiment`` (the per-run part in ``workers`` processes, default one per core);
     return the path of the HTML report."""
     start = time.perf_counter()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs = find_runs(experiment, uri, out / ".artifacts", sweep, log=log)
+    reader = ArtifactReader(uri, cache_dir)  # a local store is read in place; a server's artifacts through the user cache
+    runs = find_runs(experiment, uri, sweep=sweep, log=log, reader=reader)
     layers = gradcam.resolve_layers(layer, runs)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
@@ -52,6 +54,7 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     log(f"{len(comparisons)} comparison(s); writing the report")
     path = report.write_report(out, experiment, uri, threshold, analyses, comparisons, figures, extra)
     if log_to_mlflow:
-        logged.log_analysis_run(uri, experiment, out, threshold)
+        logged.log_analysis_run(uri, experiment, out, threshold, [{"run_name": a.run.name, "run_id": a.run.run_id, **f} for a in analyses for f in a.failures])
+    log(reader.summary())
     log(f"report {path} ({time.perf_counter() - start:.0f} s)")
     return path

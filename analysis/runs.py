@@ -1,4 +1,5 @@
-"""Finished runs from MLflow: search, artifact download, predictions, weights and test images.
+"""Finished runs from MLflow: search, artifacts (read in place or through the user cache: ``artifacts.py``),
+predictions, weights and test images.
 
 Works the same against the local SQLite store and a tracking server (``mlflow server``): only
 ``search_runs`` and artifact download are used. Nothing is re-trained.
@@ -6,7 +7,6 @@ Works the same against the local SQLite store and a tracking server (``mlflow se
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +18,7 @@ import yaml
 
 import tracking
 from analysis import log
+from analysis.artifacts import ArtifactReader
 from config.errors import InputError
 from config.yaml12 import load_yaml
 from tracking import metrics
@@ -66,23 +67,37 @@ class RunRecord:
     name: str
     params: dict[str, str]
     metrics: dict[str, float]
-    folder: Path
-    uri: str
+    reader: ArtifactReader
+    artifact_uri: str | None
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     artifacts: frozenset[str] = frozenset()  # the run's top-level artifact paths
     slug: str = ""  # the run's name as a folder name of the report (safe_names: unique, no path in it)
     test_images_sha256: str | None = None  # what the trial was tested on (tracking.TEST_IMAGES_TAG; None for older runs)
+    model: tuple[str, str] | None = None  # the run's MLflow logged model: (model id, artifact location), where its weights are
+
+    def artifact(self, path: str) -> Path:
+        """A local path of one of the run's artifacts: in the store itself, or in the user cache."""
+        return self.reader.run_file(self.run_id, self.artifact_uri, path)
 
     @cached_property
     def config(self) -> dict:
-        return load_yaml((self.folder / metrics.CONFIG_FILE).read_text())
+        return load_yaml(self.artifact(metrics.CONFIG_FILE).read_text())
 
     @cached_property
     def predictions(self) -> Predictions:
-        return Predictions.load(self.folder / metrics.PREDICTIONS_FILE)
+        return Predictions.load(self.artifact(metrics.PREDICTIONS_FILE))
 
-    def weights_path(self) -> Path:
-        return download(self.uri, self.run_id, metrics.WEIGHTS_FILE, self.folder.parent)
+    def state_dict(self) -> dict:
+        """The trial's final weights, from their one copy: ``weights.pt`` (``log_model: false``) or the logged model's
+        exported program (``torch.export.load``); neither unpickles anything."""
+        import torch
+
+        if metrics.WEIGHTS_FILE in self.artifacts:
+            return torch.load(self.artifact(metrics.WEIGHTS_FILE), map_location="cpu", weights_only=True)
+        if self.model is None:
+            raise InputError(f"run {self.name} ({self.run_id}) has neither {metrics.WEIGHTS_FILE} nor a logged model: its weights are not in the store")
+        program = torch.export.load(self.reader.model_file(*self.model, metrics.MODEL_PT2))
+        return dict(program.state_dict)
 
     @cached_property
     def trial_robustness(self) -> dict | None:
@@ -90,7 +105,7 @@ class RunRecord:
         (not run, or logged by an older version as means only)."""
         if metrics.ROBUSTNESS_FILE not in self.artifacts:
             return None
-        logged = json.loads(download(self.uri, self.run_id, metrics.ROBUSTNESS_FILE, self.folder.parent).read_text())
+        logged = json.loads(self.artifact(metrics.ROBUSTNESS_FILE).read_text())
         if not {"accuracy", "images", "requested"} <= set(logged):
             return None
         return well_formed(self, metrics.ROBUSTNESS_FILE, logged, {"requested": int, "images": int, "accuracy": dict})
@@ -102,7 +117,7 @@ class RunRecord:
 
         if metrics.ADVERSARIAL_FILE not in self.artifacts:
             return None
-        logged = adversarial.from_json(download(self.uri, self.run_id, metrics.ADVERSARIAL_FILE, self.folder.parent).read_text())
+        logged = adversarial.from_json(self.artifact(metrics.ADVERSARIAL_FILE).read_text())
         return well_formed(self, metrics.ADVERSARIAL_FILE, logged, {"requested": int, "images": int, "steps": int, "step_size": float,
                                                                    "epsilons": list, "accuracy": dict, "clean": float})
 
@@ -144,25 +159,15 @@ def safe_names(names: list[str]) -> list[str]:
     return out
 
 
-def download(uri: str, run_id: str, artifact: str, cache: Path) -> Path:
-    """Download one artifact of a run into ``cache/<run_id>/`` (once)."""
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file drowns the log
-    target = cache / run_id
-    if not (target / artifact).exists():
-        target.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(target), tracking_uri=uri)
-    return target / artifact
-
-
-def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "latest", log=print) -> list[RunRecord]:
+def find_runs(experiment: str, uri: str, cache: str | Path | None = None, sweep: str | None = "latest", log=print,
+              reader: ArtifactReader | None = None) -> list[RunRecord]:
     """Finished trial runs of ``experiment`` with test predictions (of its latest launch unless ``sweep`` is 'all' or an id).
 
     Runs without test predictions (pruned by a scheduler, killed, failed) are skipped with a one-line note each."""
     import mlflow
 
     mlflow_client = mlflow.MlflowClient(uri)
+    reader = reader or ArtifactReader(uri, cache)
     found = tracking.retry(lambda: mlflow_client.get_experiment_by_name(experiment))
     if found is None:
         names = [e.name for e in mlflow_client.search_experiments()]
@@ -184,13 +189,11 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
             why = f", stopped by {stopped} at epoch {run.data.tags.get(tracking.EPOCHS_TAG, '?')}" if stopped else ""
             log(f"note: skipping {run.data.tags.get('mlflow.runName', run.info.run_id)} ({run.info.status}{why}): no test predictions")
             continue
-        for artifact in (metrics.CONFIG_FILE, metrics.PREDICTIONS_FILE):
-            download(uri, run.info.run_id, artifact, cache)
         history = {k: [(m.step, m.value) for m in tracking.retry(lambda: mlflow_client.get_metric_history(run.info.run_id, k))]
                    for k in metrics.EPOCH_METRICS}
         records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
-                                 run.data.metrics, cache / run.info.run_id, uri, history, artifacts,
-                                 test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG)))
+                                 run.data.metrics, reader, run.info.artifact_uri, history, artifacts,
+                                 test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG), model=logged_model(mlflow_client, run)))
     if not records:
         raise InputError(f"experiment {experiment!r} has no finished trial runs with test predictions (sweep {sweep}) at {uri}")
     for record, slug in zip(records, safe_names([r.name for r in records])):
@@ -201,6 +204,16 @@ def find_runs(experiment: str, uri: str, cache: Path, sweep: str | None = "lates
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
+def logged_model(mlflow_client, run) -> tuple[str, str] | None:
+    """(id, artifact location) of the run's last MLflow 3 logged model, or None (``log_model: false``)."""
+    run = tracking.retry(lambda: mlflow_client.get_run(run.info.run_id))  # a search leaves a run's outputs out
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        return None
+    model = tracking.retry(lambda: mlflow_client.get_logged_model(outputs[-1].model_id))
+    return model.model_id, model.artifact_location
+
+
 def load_model(record: RunRecord, device: str = "cpu"):
     """The run's final model, rebuilt from its config and weights (weights-only unpickling)."""
     import torch
@@ -209,7 +222,7 @@ def load_model(record: RunRecord, device: str = "cpu"):
 
     cfg = record.config
     model = create_model(cfg["arch"], num_classes=len(record.predictions.classes), **cfg.get("model", {}))
-    model.load_state_dict(torch.load(record.weights_path(), map_location=device, weights_only=True))
+    model.load_state_dict(record.state_dict())
     return model.to(device).eval()
 
 

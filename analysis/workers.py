@@ -42,7 +42,9 @@ def analyse_runs(runs: list[RunRecord], images: ImageCache, out: Path, settings:
         heaviest_first = sorted(range(len(runs)), key=lambda i: -model_size(runs[i]))  # no large model left alone at the end
         futures = {pool.submit(_analyse_in_worker, runs[i], out, settings): i for i in heaviest_first}
         for future in as_completed(futures):
-            finished(futures[future], future.result())
+            result = future.result()
+            runs[futures[future]].reader.absorb(result.run.reader)  # what the worker read, in the analysis's counts
+            finished(futures[future], result)
     return [done[i] for i in range(len(runs))]
 
 

@@ -12,6 +12,7 @@ import tracking
 
 from analysis import compare, failures as fail, gradcam
 from analysis.pipeline import run_analysis
+from analysis.artifacts import ArtifactReader
 from analysis.runs import Predictions, find_runs
 from tests.conftest import mlflow_service
 
@@ -229,21 +230,37 @@ def test_report_is_written_with_embedded_figures(analysed):
     for name in re.findall(r"<a href='#(run-[^']+)'>", text):  # every overview row opens its run's section
         assert f"<details id='{name}'>" in text
     assert "McNemar" in text
-    for name in ("training_curves.png", "metrics.png", "per_class_accuracy.png", "worst_classes.png", "class_gallery.png", "summary.json"):
+    for name in ("training_curves.png", "metrics.png", "per_class_accuracy.png", "worst_classes.png", "class_gallery.jpg", "summary.json"):
         assert (out / name).exists(), name
+
+
+def full_failures(uri: str) -> dict[str, list[dict]]:
+    """Every run's full failure list, from the analysis run's MLflow table (the report folder lists the shown ones)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    (run,) = [r for r in client.search_runs([experiment], "tags.`stresslab.kind` = 'analysis'") if r.data.params["threshold"] == "0.2"]
+    table = client.load_table(experiment, "tables/failures.json", run_ids=[run.info.run_id])
+    return {name: group.to_dict("records") for name, group in table.groupby("run_name", sort=False)}
 
 
 def test_mined_failures_equal_brute_force_from_the_logged_predictions(analysed, finished_sweep):
     out, _ = analysed
-    runs = find_runs("tiny", finished_sweep["uri"], out / ".artifacts")
+    runs = find_runs("tiny", finished_sweep["uri"])
+    full = full_failures(finished_sweep["uri"])
     assert len(runs) == 4
     for run in runs:
-        logged = np.load(run.folder / "predictions.npz")
+        logged = np.load(run.artifact("predictions.npz"))
         probs, labels, index = logged["probs"], logged["labels"], logged["index"]
         expected = sorted(int(index[i]) for i in range(len(labels)) if probs[i].argmax() != labels[i] and probs[i].max() > 0.2)
         written = json.loads((out / "runs" / run.name / "failures.json").read_text())
-        assert sorted(f["test_index"] for f in written["failures"]) == expected
+        assert sorted(f["test_index"] for f in full.get(run.name, [])) == expected
         assert written["count"] == len(expected) and written["gradcam_layer"] == "stages.2"
+        shown = min(24, len(expected))  # the report folder keeps what the page shows: the 24 most confident
+        assert written["listed"] == shown and [f["test_index"] for f in written["failures"]] == [f["test_index"] for f in full.get(run.name, [])[:shown]]
+        confidences = [f["confidence"] for f in full.get(run.name, [])]
+        assert confidences == sorted(confidences, reverse=True)
 
 
 def test_label_issues_are_listed_and_every_failure_count_is_given_both_ways(analysed, finished_sweep):
@@ -251,7 +268,7 @@ def test_label_issues_are_listed_and_every_failure_count_is_given_both_ways(anal
     image is flagged, and failures.json, the overview table and the persistent section count both ways."""
     out, path = analysed
     result = json.loads((out / "label_issues.json").read_text())
-    runs = find_runs("tiny", finished_sweep["uri"], out / ".artifacts")
+    runs = find_runs("tiny", finished_sweep["uri"])
     mean = np.mean([r.predictions.probs for r in runs], axis=0)
     labels = runs[0].predictions.labels
     assert result["runs"] == 4 and result["test_images"] == len(labels) and result["count"] == sum(c["flagged"] for c in result["candidates"])
@@ -259,10 +276,11 @@ def test_label_issues_are_listed_and_every_failure_count_is_given_both_ways(anal
         assert c["quality"] == pytest.approx(mean[c["position"], labels[c["position"]]] / mean[c["position"]].sum(), abs=1e-5)
     flagged = {c["test_index"] for c in result["candidates"] if c["flagged"]}
     text = path.read_text()
+    full = full_failures(finished_sweep["uri"])
     for run in runs:
         written = json.loads((out / "runs" / run.name / "failures.json").read_text())
-        assert all(f["likely_label_error"] == (f["test_index"] in flagged) for f in written["failures"])
-        kept = sum(not f["likely_label_error"] for f in written["failures"])
+        assert all(f["likely_label_error"] == (f["test_index"] in flagged) for f in written["failures"] + full.get(run.name, []))
+        kept = sum(not f["likely_label_error"] for f in full.get(run.name, []))
         assert written["count_excluding_likely_label_errors"] == kept
         assert f"{run.name}: {written['count']} failures, {kept} excluding likely label errors</summary>" in text
     assert "<h2>Likely label errors</h2>" in text and "excl. likely label errors" in text and "<a href='#label-issues'>" in text
@@ -277,7 +295,7 @@ def test_adversarial_accuracy_is_reported_per_run_and_epsilon(analysed, finished
     out, path = analysed
     result = json.loads((out / "adversarial.json").read_text())
     assert result["epsilons"] == [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255] and result["attacks"] == ["fgsm", "pgd"]
-    for run in find_runs("tiny", finished_sweep["uri"], out / ".artifacts"):
+    for run in find_runs("tiny", finished_sweep["uri"]):
         r, p = result["runs"][run.name], run.predictions
         pos = first_per_class(p.labels, len(p.classes), 100)
         assert r["images"] == len(pos) and r["clean"] == pytest.approx(float(p.correct[pos].mean()), abs=1e-9)
@@ -294,13 +312,13 @@ def test_runs_analysed_in_worker_processes_give_what_one_process_gives(analysed,
     from analysis.workers import analyse_runs
 
     out, _ = analysed
-    runs = find_runs("tiny", finished_sweep["uri"], out / ".artifacts")
+    runs = find_runs("tiny", finished_sweep["uri"])
     settings = RunSettings(0.2, {}, max_cams=2, road_images=4, adversarial_images=0)
     parallel = analyse_runs(runs, ImageCache(), tmp_path, settings, workers=2)
     assert [a.run.name for a in parallel] == [r.name for r in runs]  # in run order, whichever finished first
     for a in parallel:
         serial = json.loads((out / "runs" / a.run.name / "failures.json").read_text())["failures"]
-        assert [(f["test_index"], f["confidence"]) for f in a.failures] == [(f["test_index"], f["confidence"]) for f in serial]
+        assert [(f["test_index"], f["confidence"]) for f in a.failures[:24]] == [(f["test_index"], f["confidence"]) for f in serial]
         assert (tmp_path / "runs" / a.run.name / "failures.json").is_file() and a.road["images"] == 4
 
 
@@ -338,7 +356,8 @@ def test_main_tables_are_logged_as_mlflow_tables(analysed, finished_sweep):
     failures = load("failures")
     assert len(failures) == sum(w["count"] for w in written.values()) > 0
     for name, w in written.items():
-        assert sorted(failures.loc[failures.run_name == name, "test_index"]) == sorted(f["test_index"] for f in w["failures"])
+        listed = failures.loc[failures.run_name == name, "test_index"].tolist()
+        assert len(listed) == w["count"] and listed[:w["listed"]] == [f["test_index"] for f in w["failures"]]
     runs = load("runs")
     assert dict(zip(runs.name, runs.failures)) == {name: w["count"] for name, w in written.items()}
     comparison = json.loads((out / "compare" / "plain_cnn_vs_residual_cnn" / "comparison.json").read_text())
@@ -385,3 +404,18 @@ def test_names_and_values_from_a_tampered_store_stay_data(finished_sweep, tmp_pa
     text = (out / "report.html").read_text()
     assert "<script" not in text.lower() and "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
     assert json.loads((out / "adversarial.json").read_text())["steps"] == 10  # the planted file was not trusted: attacked again
+
+
+def test_a_local_store_is_read_in_place_and_no_weights_are_copied_under_out(analysed, finished_sweep, capsys):
+    """The sweep's store is a local folder: the analysis reads every artifact where it is (the summary line counts them),
+    downloads nothing and writes no copy of any weights under --out; its photographic grids are JPEG."""
+    out, _ = analysed
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pt", ".pt2", ".npz") or ".artifacts" in p.parts]
+    assert {p.name for p in files} >= {"failures_grid.jpg", "gradcam_failures.jpg", "class_gallery.jpg"}
+    assert not {p.name for p in files} & {"failures_grid.png", "gradcam_failures.png", "class_gallery.png"}
+    reader = ArtifactReader(finished_sweep["uri"], out / "unused-cache")
+    runs = find_runs("tiny", finished_sweep["uri"], reader=reader)
+    state = runs[0].state_dict()  # from the logged model's exported program, in the store
+    assert "head.weight" in state and reader.counts["read in place"] == 1
+    assert reader.counts["downloaded"] == reader.counts["from the cache"] == 0 and not (out / "unused-cache").exists()

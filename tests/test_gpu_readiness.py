@@ -1,6 +1,8 @@
 """What can be proven about the GPU path without a GPU: no host-device traffic per training step, FLOPs counted
 per model, GPU requests checked per node, the GPU proof's command, and trials scheduled on declared GPUs."""
 import dataclasses
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,15 +141,17 @@ def declared_gpu_sweep(tmp_path_factory):
         path = write_experiments(tmp / "e.yaml", {"stress": {"resources": {"cpu": 0.5, "gpu": GPU_PER_TRIAL}, "log_model": True, "grid": GRID},
                                                   "too-big": {"resources": {"cpu": 0.25, "gpu": 3}}})
         with mlflow_service("server", f"sqlite:///{tmp / 'server.db'}", artifacts=tmp / "artifacts") as base:
-            cli = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "xdg")}  # the analyses' artifact cache: tmp/xdg/stresslab/artifacts
+            cli = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
             common = ["--config", str(path), "--address", cluster.address, "--tracking-uri", base, "--storage", str(tmp / "ray")]
             swept = cli("sweep.py", "--experiment", "stress", *common)
             refused = cli("sweep.py", "--experiment", "too-big", *common)
-            analysed = cli("-m", "analysis", "--experiment", "stress", "--tracking-uri", base, "--out", str(tmp / "report"),
-                           "--corruption-images", "0", "--road-images", "4", "--max-cams", "2", "--adversarial-images", "0")
+            analyse = lambda out: cli("-m", "analysis", "--experiment", "stress", "--tracking-uri", base, "--out", str(tmp / out), "--no-log",
+                                      "--corruption-images", "0", "--road-images", "4", "--max-cams", "2", "--adversarial-images", "0")
+            analysed, again = analyse("report"), analyse("report-2")
             client = mlflow.MlflowClient(base)
             runs = client.search_runs([client.get_experiment_by_name("stress").experiment_id], "tags.`stresslab.kind` = 'trial'")
-            yield {"swept": swept, "refused": refused, "analysed": analysed, "client": client, "runs": runs, "tmp": tmp}
+            yield {"swept": swept, "refused": refused, "analysed": analysed, "again": again, "client": client, "runs": runs, "tmp": tmp}
     finally:
         cluster.shutdown()
         if before is None:
@@ -198,7 +202,22 @@ def test_a_trial_larger_than_any_node_is_refused_though_the_cluster_total_would_
     assert "3 GPU per trial but the largest node of this cluster has 2" in refused.stderr
 
 
-def test_analysis_runs_against_the_tracking_server(declared_gpu_sweep):
-    analysed = declared_gpu_sweep["analysed"]
-    assert analysed.returncode == 0, analysed.stderr[-3000:]
-    assert (declared_gpu_sweep["tmp"] / "report" / "report.html").stat().st_size > 0
+def test_analysis_runs_against_the_tracking_server_and_a_second_one_downloads_nothing(declared_gpu_sweep):
+    """Through the server, artifacts are downloaded once into the user cache ($XDG_CACHE_HOME/stresslab/artifacts), never
+    into --out; a second analysis into another --out reads them all from the cache."""
+    tmp = declared_gpu_sweep["tmp"]
+    for key, out in (("analysed", "report"), ("again", "report-2")):
+        done = declared_gpu_sweep[key]
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp / out / "report.html").stat().st_size > 0
+        assert not [p for p in (tmp / out).rglob("*") if p.suffix in (".pt", ".pt2") or p.name.startswith(".artifacts")], out
+    def counts(stdout: str) -> dict[str, int]:  # "artifacts: 0 read in place (0.0 MB), 5 from the cache (1.2 MB), 12 downloaded (3.4 MB); cache ..."
+        line = next(line for line in stdout.splitlines() if "artifacts: " in line and " downloaded (" in line)
+        return {how: int(n) for n, how in re.findall(r"(\d+) (read in place|from the cache|downloaded) \(", line)}
+
+    first, second = counts(declared_gpu_sweep["analysed"].stdout), counts(declared_gpu_sweep["again"].stdout)
+    assert first["read in place"] == second["read in place"] == 0  # the server's proxied artifacts are not a local folder
+    assert first["downloaded"] == TRIALS * 3, first  # each trial's config, predictions and logged model, once
+    assert second["downloaded"] == 0 and second["from the cache"] >= TRIALS * 3, second
+    pt2 = list((tmp / "xdg" / "stresslab" / "artifacts" / "models").rglob("model.pt2"))
+    assert len(pt2) == TRIALS

@@ -67,7 +67,7 @@ def test_the_trials_corruption_test_is_reused_and_equals_the_analysis_own(churn_
     *_, uri, out = churn_report
     report = json.loads((out / "robustness.json").read_text())
     assert report["images"] == 40 and report["measured_in_trials"] == 12
-    runs = find_runs("churn", uri, out / ".artifacts")
+    runs = find_runs("churn", uri)
     picked = [next(r for r in runs if r.params["arch"] == arch) for arch in ("plain_cnn", "residual_cnn")]
     again = robustness_step(picked, ImageCache(), tmp_path, 40, None, reuse=False)
     client = mlflow.MlflowClient(uri)
@@ -96,7 +96,7 @@ def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn
     *_, uri, out = churn_report
     report = json.loads((out / "adversarial.json").read_text())
     assert report["measured_in_trials"] == 12 and report["images"] == 20 and report["steps"] == 3
-    runs = find_runs("churn", uri, out / ".artifacts")
+    runs = find_runs("churn", uri)
     client, images = mlflow.MlflowClient(uri), ImageCache()
     for run in [next(r for r in runs if r.params["arch"] == arch) for arch in ("plain_cnn", "residual_cnn")]:
         x, mean, std = images.get(run)
@@ -120,7 +120,7 @@ def test_trials_with_log_model_off_log_no_model_and_register_best_names_the_sett
     experiment = client.get_experiment_by_name("churn")
     runs = client.search_runs([experiment.experiment_id], "tags.`stresslab.kind` = 'trial'")
     assert len(runs) == 12 and client.search_logged_models([experiment.experiment_id]) == []
-    assert all(metrics.WEIGHTS_FILE in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)  # what analysis and reruns use
+    assert all(metrics.WEIGHTS_FILE in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)  # without a logged model: their one copy
     code = sweep.main(["--config", str(out.parent / "e.yaml"), "--experiment", "churn", "--tracking-uri", uri, "--register-best", "churn-best"])
     err = capsys.readouterr().err
     assert code == 2 and "logged no model (its trials ran with log_model: false)" in err and "log_model: true" in err, err

@@ -1,5 +1,8 @@
 """A real sweep on local Ray with synthetic data: MLflow runs, metric names, rerun of the best."""
+import io
 import os
+import zipfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -51,10 +54,20 @@ def test_runs_log_params_and_the_artifacts_analysis_needs(finished_sweep):
     run = client.get_run(run_id)
     assert run.data.params["optimizer.lr"] == "0.05" and run.data.params["data.name"] == "synthetic"
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {metrics.WEIGHTS_FILE, metrics.PREDICTIONS_FILE, metrics.CONFIG_FILE, "training_curves.png", "confusion_matrix.png"} <= names
+    assert {metrics.PREDICTIONS_FILE, metrics.CONFIG_FILE, "training_curves.png", "confusion_matrix.png"} <= names
     folder = mlflow.artifacts.download_artifacts(run_id=run_id, tracking_uri=finished_sweep["uri"])
-    state = torch.load(f"{folder}/{metrics.WEIGHTS_FILE}", weights_only=True)
-    assert "head.weight" in state
+    # The weights are stored once: the logged model's exported program (log_model: true), no weights.pt beside it.
+    (output,) = run.outputs.model_outputs
+    model = Path(client.get_logged_model(output.model_id).artifact_location.removeprefix("file://"))
+    state = torch.export.load(model / metrics.MODEL_PT2).state_dict
+    assert "head.weight" in state and metrics.WEIGHTS_FILE not in names
+    files = [p for where in (Path(folder), model) for p in where.rglob("*") if p.suffix in (".pt", ".pt2", ".pth", ".bin", ".safetensors")]
+    assert [p.name for p in files] == ["model.pt2"]
+    with zipfile.ZipFile(files[0]) as archive:  # the program's tensors; beside them the graph (~150 KB, whatever the model's size)
+        stored = sum(i.file_size for i in archive.infolist() if "/data/weights/" in i.filename or "/data/constants/" in i.filename)
+    saved = io.BytesIO()
+    torch.save(dict(state), saved)  # what weights.pt held: the state dict, saved
+    assert stored <= 1.2 * len(saved.getvalue()), (stored, len(saved.getvalue()))
     preds = np.load(f"{folder}/{metrics.PREDICTIONS_FILE}")
     assert preds["probs"].shape == (120, 10) and np.allclose(preds["probs"].sum(1), 1, atol=1e-4)
     assert (preds["probs"].argmax(1) == preds["labels"]).mean() == pytest.approx(run.data.metrics[metrics.TEST_ACC])

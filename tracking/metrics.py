@@ -40,7 +40,8 @@ FINAL_METRICS = (TEST_LOSS, TEST_ACC, TEST_PRECISION, TEST_RECALL, TEST_F1, TEST
 
 # Artifact names inside each MLflow run.
 PREDICTIONS_FILE = "predictions.npz"  # test probs/logits (N, C) float32, labels, preds, index; val_logits, val_labels
-WEIGHTS_FILE = "weights.pt"  # state_dict, torch.load(..., weights_only=True)
+WEIGHTS_FILE = "weights.pt"  # state_dict, torch.load(..., weights_only=True): the weights' one copy when log_model is false
+MODEL_PT2 = "data/model.pt2"  # in a logged model's artifacts: the exported program, the weights' one copy when log_model is true
 CONFIG_FILE = "config.yaml"  # the resolved trial config
 
 # A high-confidence failure: a test image misclassified with confidence above the threshold (0.9 unless a run or the
