@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 def test_benchmark_prints_every_figure():
     out = subprocess.run([sys.executable, "-m", "bench", "--images", "32", "--workers", "0", "--rounds", "1", "--overhead-trials", "2", "--overhead-epochs", "1",
-                          "--overhead-images", "128", "--gradcam-images", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--overhead-images", "128", "--gradcam-images", "16", "--corruption-images", "20"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for model in ("plain_cnn", "residual_cnn", "se_cnn", "resnet18"):  # 1. stresslab vs reference, with the ratio
@@ -22,3 +22,5 @@ def test_benchmark_prints_every_figure():
     assert len(re.findall(r"^\s+(plain_cnn|resnet18)\s+\d+\.\d images/s$", text, re.M)) == 2, text  # 3. Grad-CAM
     assert "4. model-FLOPs utilisation (FLOPs per training image counted by FlopCounterMode)" in text  # 4. MFU (n/a without CUDA)
     assert "n/a: no CUDA device" in text or "TFLOP/s achieved" in text
+    timed = re.findall(r"^\s+([a-z_]+)\s+\d+\.\d\d s", text, re.M)  # 5. every corruption's generation time, then the total
+    assert len(timed) == 20 and timed[-1] == "total" and re.search(r"total\s+\d+\.\d\d s\s+\(target <= 30 s for 1,000 images: (met|NOT met)\)", text), text
