@@ -76,8 +76,9 @@ class ArtifactReader:
         self.counts[how] += 1
         self.bytes[how] += path.stat().st_size
 
-    def __getstate__(self) -> dict:  # a copy sent to a worker process counts its own reads, which ``absorb`` adds back
-        return {**self.__dict__, "counts": Counter(), "bytes": Counter()}
+    def reset(self) -> None:
+        """Counts from zero: a copy sent to a worker process counts its own reads, which ``absorb`` adds back."""
+        self.counts, self.bytes = Counter(), Counter()
 
     def absorb(self, other: "ArtifactReader") -> None:
         self.counts.update(other.counts)

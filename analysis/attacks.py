@@ -50,7 +50,7 @@ def adversarial_run(model, target, x: np.ndarray, mean, std, pred, settings: Run
     after_cams = gradcam.compute_cams(model, target, standardise(adv, m, s), after)
     titles = [f"#{pred.index[q]} {pred.classes[pred.labels[q]]}->{pred.classes[a]} at {e * 255:.0f}/255" for (e, q), a in zip(flips, after)]
     figure = gradcam.cam_figure(x[chosen], {"Grad-CAM: clean prediction": before_cams, "Grad-CAM: after PGD": after_cams}, titles,
-                                folder / "adversarial_flips.jpg")
+                                folder / "adversarial_flips.webp")
     return result, figure
 
 

@@ -44,4 +44,4 @@ def class_gallery(run: RunRecord, images: ImageCache, out: Path, layers: dict[st
     model = load_model(run)
     cams = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])), normalise(x[pos], mean, std), pred.preds[pos])
     titles = [f"#{pred.index[p]} {pred.classes[pred.labels[p]]} (pred {pred.classes[pred.preds[p]]} {pred.confidence[p]:.2f})" for p in pos]
-    return gradcam.cam_figure(x[pos], {"Grad-CAM: predicted": cams}, titles, out / "class_gallery.jpg", cell=1.6)
+    return gradcam.cam_figure(x[pos], {"Grad-CAM: predicted": cams}, titles, out / "class_gallery.webp", cell=1.6)

@@ -81,4 +81,5 @@ def _exit_with(parent: int) -> None:
 
 
 def _analyse_in_worker(run: RunRecord, *args) -> RunAnalysis:
+    run.reader.reset()  # the copy that came with the run: what it reads here goes back with the result, to be absorbed
     return analyse_run(run, _WORKER_IMAGES, *args)

@@ -230,7 +230,7 @@ def test_report_is_written_with_embedded_figures(analysed):
     for name in re.findall(r"<a href='#(run-[^']+)'>", text):  # every overview row opens its run's section
         assert f"<details id='{name}'>" in text
     assert "McNemar" in text
-    for name in ("training_curves.png", "metrics.png", "per_class_accuracy.png", "worst_classes.png", "class_gallery.jpg", "summary.json"):
+    for name in ("training_curves.png", "metrics.png", "per_class_accuracy.png", "worst_classes.png", "class_gallery.webp", "summary.json"):
         assert (out / name).exists(), name
 
 
@@ -316,6 +316,8 @@ def test_runs_analysed_in_worker_processes_give_what_one_process_gives(analysed,
     settings = RunSettings(0.2, {}, max_cams=2, road_images=4, adversarial_images=0)
     parallel = analyse_runs(runs, ImageCache(), tmp_path, settings, workers=2)
     assert [a.run.name for a in parallel] == [r.name for r in runs]  # in run order, whichever finished first
+    models = sum(Path(r.model[1].removeprefix("file://"), "data", "model.pt2").stat().st_size for r in runs)
+    assert runs[0].reader.counts["read in place"] >= 3 * len(runs) and runs[0].reader.bytes["read in place"] > models  # the workers' reads, counted
     for a in parallel:
         serial = json.loads((out / "runs" / a.run.name / "failures.json").read_text())["failures"]
         assert [(f["test_index"], f["confidence"]) for f in a.failures[:24]] == [(f["test_index"], f["confidence"]) for f in serial]
@@ -408,12 +410,12 @@ def test_names_and_values_from_a_tampered_store_stay_data(finished_sweep, tmp_pa
 
 def test_a_local_store_is_read_in_place_and_no_weights_are_copied_under_out(analysed, finished_sweep, capsys):
     """The sweep's store is a local folder: the analysis reads every artifact where it is (the summary line counts them),
-    downloads nothing and writes no copy of any weights under --out; its photographic grids are JPEG."""
+    downloads nothing and writes no copy of any weights under --out; its photographic grids are WebP."""
     out, _ = analysed
     files = [p for p in out.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".pt", ".pt2", ".npz") or ".artifacts" in p.parts]
-    assert {p.name for p in files} >= {"failures_grid.jpg", "gradcam_failures.jpg", "class_gallery.jpg"}
-    assert not {p.name for p in files} & {"failures_grid.png", "gradcam_failures.png", "class_gallery.png"}
+    assert {p.name for p in files} >= {"failures_grid.webp", "gradcam_failures.webp", "class_gallery.webp"}
+    assert not {p.name for p in files} & {"failures_grid.png", "gradcam_failures.png", "class_gallery.png", "failures_grid.jpg"}
     reader = ArtifactReader(finished_sweep["uri"], out / "unused-cache")
     runs = find_runs("tiny", finished_sweep["uri"], reader=reader)
     state = runs[0].state_dict()  # from the logged model's exported program, in the store
