@@ -159,15 +159,14 @@ def safe_names(names: list[str]) -> list[str]:
     return out
 
 
-def find_runs(experiment: str, uri: str, cache: str | Path | None = None, sweep: str | None = "latest", log=print,
-              reader: ArtifactReader | None = None) -> list[RunRecord]:
+def find_runs(experiment: str, uri: str, sweep: str | None = "latest", log=print, reader: ArtifactReader | None = None) -> list[RunRecord]:
     """Finished trial runs of ``experiment`` with test predictions (of its latest launch unless ``sweep`` is 'all' or an id).
 
     Runs without test predictions (pruned by a scheduler, killed, failed) are skipped with a one-line note each."""
     import mlflow
 
     mlflow_client = mlflow.MlflowClient(uri)
-    reader = reader or ArtifactReader(uri, cache)
+    reader = reader or ArtifactReader(uri)
     found = tracking.retry(lambda: mlflow_client.get_experiment_by_name(experiment))
     if found is None:
         names = [e.name for e in mlflow_client.search_experiments()]
@@ -177,7 +176,7 @@ def find_runs(experiment: str, uri: str, cache: str | Path | None = None, sweep:
         sweeps = [r.data.tags.get(tracking.SWEEP_TAG) for r in runs if r.info.status == "FINISHED"]
         wanted = sorted(s for s in sweeps if s)[-1] if sweep == "latest" and any(sweeps) else sweep
         runs = [r for r in runs if r.data.tags.get(tracking.SWEEP_TAG) == wanted]
-    records = []
+    models, records = logged_models(mlflow_client, found.experiment_id), []
     for run in runs:
         if not RUN_ID.fullmatch(run.info.run_id):  # it names a folder of the download cache
             log(f"note: skipping a run whose id {run.info.run_id!r} is not an MLflow run id")
@@ -193,7 +192,7 @@ def find_runs(experiment: str, uri: str, cache: str | Path | None = None, sweep:
                    for k in metrics.EPOCH_METRICS}
         records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
                                  run.data.metrics, reader, run.info.artifact_uri, history, artifacts,
-                                 test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG), model=logged_model(mlflow_client, run)))
+                                 test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG), model=models.get(run.info.run_id)))
     if not records:
         raise InputError(f"experiment {experiment!r} has no finished trial runs with test predictions (sweep {sweep}) at {uri}")
     for record, slug in zip(records, safe_names([r.name for r in records])):
@@ -204,14 +203,17 @@ def find_runs(experiment: str, uri: str, cache: str | Path | None = None, sweep:
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def logged_model(mlflow_client, run) -> tuple[str, str] | None:
-    """(id, artifact location) of the run's last MLflow 3 logged model, or None (``log_model: false``)."""
-    run = tracking.retry(lambda: mlflow_client.get_run(run.info.run_id))  # a search leaves a run's outputs out
-    outputs = run.outputs.model_outputs if run.outputs else []
-    if not outputs:
-        return None
-    model = tracking.retry(lambda: mlflow_client.get_logged_model(outputs[-1].model_id))
-    return model.model_id, model.artifact_location
+def logged_models(mlflow_client, experiment_id: str) -> dict[str, tuple[str, str]]:
+    """{run id: (id, artifact location) of its newest MLflow 3 logged model} for the experiment, page after page: one
+    search for every run, not two requests a run; a run with ``log_model: false`` has none."""
+    models, token = {}, None
+    while True:
+        page = tracking.retry(lambda: mlflow_client.search_logged_models([experiment_id], order_by=[{"field_name": "creation_time", "ascending": True}],
+                                                                        page_token=token))
+        models.update({m.source_run_id: (m.model_id, m.artifact_location) for m in page if m.source_run_id})
+        token = page.token
+        if not token:
+            return models
 
 
 def load_model(record: RunRecord, device: str = "cpu"):

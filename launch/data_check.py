@@ -10,15 +10,15 @@ from config.schema import trial_configs
 from config.settings import ExperimentConfig
 
 
-def data_configs(cfg: ExperimentConfig) -> list[dict]:
+def data_configs(cfg: ExperimentConfig) -> list[tuple[dict, set[str]]]:
     """The distinct ``data`` sections the trials of ``cfg`` will load (a grid may vary them), each with the
-    published-corruption folders (``robustness_data``) its trials read, under ``"published"``."""
-    seen: dict[str, dict] = {}
+    published-corruption folders (``robustness_data``) its trials read."""
+    seen: dict[str, tuple[dict, set[str]]] = {}
     for trial in trial_configs(cfg):
         data = dataclasses.asdict(trial.data)
-        entry = seen.setdefault(json.dumps(data, sort_keys=True, default=str), {**data, "published": set()})
+        _, published = seen.setdefault(json.dumps(data, sort_keys=True, default=str), (data, set()))
         if trial.robustness and trial.robustness_data:
-            entry["published"].add(trial.robustness_data)
+            published.add(trial.robustness_data)
     return list(seen.values())
 
 
@@ -31,8 +31,7 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
     from data_zoo.sources import get_source
     from stress.corruptions.published import PublishedArraysError, check_folder
 
-    for data in data_configs(cfg):
-        published = data.pop("published")
+    for data, published in data_configs(cfg):
         log(f"data: checking {data['name']} at {data['root']}")
         try:
             images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))

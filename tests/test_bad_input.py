@@ -172,9 +172,9 @@ def test_a_store_with_more_runs_than_a_page_gives_the_newest_sweep_and_every_run
             client.log_artifact(run.info.run_id, str(files / metrics.PREDICTIONS_FILE))
             client.log_artifact(run.info.run_id, str(files / metrics.CONFIG_FILE))
             client.set_terminated(run.info.run_id)
-    newest = find_runs("paged", uri, tmp_path / "cache", "latest", log=lambda *_: None)
+    newest = find_runs("paged", uri, "latest", log=lambda *_: None)
     assert sorted(r.name for r in newest) == [f"paged-20260102-000000-{i}" for i in range(6)]
-    assert len(find_runs("paged", uri, tmp_path / "cache", "all", log=lambda *_: None)) == 15
+    assert len(find_runs("paged", uri, "all", log=lambda *_: None)) == 15
     assert len(tracking.search_all(client, [experiment], f"tags.`{tracking.SWEEP_TAG}` = 'paged-20260101-000000'")) == 9
 
 

@@ -32,8 +32,6 @@ ANCHOR = {"name": "RobustBench CIFAR-10-C, Standard WideResNet-28-10", "clean": 
 """The published figure a CIFAR-10 model's 15-corruption mean is set beside (RobustBench leaderboard, "Standard")."""
 
 
-
-
 def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
     """``x`` under corruption ``name`` at ``severity`` (0-5), reproducibly for a given ``seed``."""
     if name not in CORRUPTIONS:

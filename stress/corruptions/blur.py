@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from scipy import ndimage
-
-from stress.corruptions.registry import clipped_zoom, each, register
+from stress.corruptions.registry import clipped_zoom, each, register, skimage_gaussian
 
 SQRT_2PI = 2.50662827463100024161235523934010416269302368164062  # ImageMagick's MagickSQ2PI
 
 
 @register
-def gaussian_blur(x, severity, rng):  # skimage.filters.gaussian: scipy's filter, 'nearest' border, 4 sigma
-    sigma = [0.4, 0.6, 0.7, 0.8, 1.0][severity - 1]
-    return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=4.0)
+def gaussian_blur(x, severity, rng):
+    return skimage_gaussian(x, [0.4, 0.6, 0.7, 0.8, 1.0][severity - 1])
 
 
 def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
@@ -58,12 +55,8 @@ def local_shuffle(x: np.ndarray, max_delta: int, iterations: int, rng: np.random
 @register
 def glass_blur(x, severity, rng):
     sigma, max_delta, iterations = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][severity - 1]
-    blurred = (gaussian_blur_sigma(x, sigma) * 255).astype(np.uint8)
-    return gaussian_blur_sigma(local_shuffle(blurred, max_delta, iterations, rng) / 255.0, sigma)
-
-
-def gaussian_blur_sigma(x: np.ndarray, sigma: float) -> np.ndarray:
-    return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma, 0), mode="nearest", truncate=4.0)
+    blurred = (skimage_gaussian(x, sigma) * 255).astype(np.uint8)
+    return skimage_gaussian(local_shuffle(blurred, max_delta, iterations, rng) / 255.0, sigma)
 
 
 def motion_taps(radius: float, sigma: float, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

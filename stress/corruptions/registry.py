@@ -31,6 +31,14 @@ def each(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     return np.stack([fn(img) for img in x])
 
 
+def skimage_gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+    """``skimage.filters.gaussian`` as make_cifar_c.py calls it ('nearest' border, 4 sigma), over the image axes (1, 2)
+    of a batch (N, H, W[, C]) only."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(x, sigma=(0, sigma, sigma) + (0,) * (x.ndim - 3), mode="nearest", truncate=4.0)
+
+
 def clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
     """make_cifar_c.py's clipped_zoom over a batch (N, H, W[, C]): the centre ceil(H / factor) square, scaled up by
     ``factor`` as ``scipy.ndimage.zoom(order=1)`` does (output side round(side x factor), output pixel o read at

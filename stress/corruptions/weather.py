@@ -9,10 +9,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from stress.corruptions.blur import motion_blur_uint8
-from stress.corruptions.registry import clipped_zoom, register
+from stress.corruptions.registry import clipped_zoom, register, skimage_gaussian
 
 FROST_DIR = Path(__file__).with_name("frost")
 
@@ -109,10 +108,10 @@ def spatter(x, severity, rng):
         (0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
         (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)][severity - 1]
     x = x.astype(np.float32)
-    liquid = ndimage.gaussian_filter(rng.normal(size=x.shape[:3], loc=loc, scale=scale), sigma=(0, sigma, sigma), mode="nearest", truncate=4.0)
+    liquid = skimage_gaussian(rng.normal(size=x.shape[:3], loc=loc, scale=scale), sigma)
     liquid[liquid < threshold] = 0
     if mud:
-        m = ndimage.gaussian_filter((liquid > threshold).astype(np.float32), sigma=(0, intensity, intensity), mode="nearest", truncate=4.0)
+        m = skimage_gaussian((liquid > threshold).astype(np.float32), intensity)
         m[m < 0.8] = 0
         return x * (1 - m[..., None]) + np.array([63, 42, 20], np.float32) / 255 * m[..., None]
     liquid = (liquid * 255).astype(np.uint8)
