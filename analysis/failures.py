@@ -224,7 +224,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSett
         "gradcam_layer": layer_name, "gradcam_resolution": list(result.resolution), "road": road, "chance": chance,
         "categories": [asdict(c) for c in categories], "listed": min(SHOWN, len(found)), "failures": found[:SHOWN]}, indent=1))
     titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:SHOWN]]
-    road_titles = [t + (f" ROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
+    road_titles = [t + (f"\nROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
     if found:
         result.figures["failures"] = gradcam.image_grid(x[[f["position"] for f in found[:SHOWN]]], titles, folder / "failures_grid.webp")
         result.figures["gradcam"] = gradcam.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},

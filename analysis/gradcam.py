@@ -5,6 +5,7 @@ Localization", ICCV 2017. The library's context-manager form releases its hooks 
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -74,13 +75,16 @@ def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 
 def cam_figure(images: np.ndarray, columns: dict[str, np.ndarray], titles: Sequence[str], path: str | Path, cell: float = 1.9) -> Path:
-    """One row per image: the image, then one overlay per entry of ``columns`` (name -> CAMs)."""
+    """One row per image: the image, then one overlay per entry of ``columns`` (name -> CAMs).
+
+    Each row's title is wrapped to its cell's width and the layout is constrained, so that a long title (one with a
+    ROAD score) neither runs into the next column's header nor into the row above."""
     rows = len(images)
-    fig = Figure(figsize=(cell * (1 + len(columns)), cell * rows + 0.3))
+    fig = Figure(figsize=(cell * (1 + len(columns)), cell * rows + 0.3), layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, 1 + len(columns), squeeze=False))
     for r in range(rows):
         axes[r, 0].imshow(images[r].transpose(1, 2, 0), interpolation="nearest")
-        axes[r, 0].set_title(titles[r], fontsize=7)
+        axes[r, 0].set_title(wrap(titles[r], int(cell * 15)), fontsize=7)
         for c, (name, cams) in enumerate(columns.items(), start=1):
             axes[r, c].imshow(overlay(images[r], cams[r]), interpolation="bilinear")
             if r == 0:
@@ -88,6 +92,11 @@ def cam_figure(images: np.ndarray, columns: dict[str, np.ndarray], titles: Seque
         for ax in axes[r]:
             ax.axis("off")
     return save_photo(fig, path)
+
+
+def wrap(title: str, width: int) -> str:
+    """``title`` with each of its lines wrapped at ``width`` characters (a '->' or '+0.12' is never split)."""
+    return "\n".join(textwrap.fill(line, width=width, break_on_hyphens=False) for line in title.splitlines())
 
 
 def save_photo(fig: Figure, path: str | Path) -> Path:
@@ -101,15 +110,15 @@ def save_photo(fig: Figure, path: str | Path) -> Path:
 
 
 def image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, columns: int = 6, cell: float = 1.7) -> Path:
-    """Images in a grid, each with its title (index, truth, prediction, confidence)."""
+    """Images in a grid, each with its title (index, truth, prediction, confidence), wrapped to its cell's width."""
     rows = max(1, -(-len(images) // columns))
-    fig = Figure(figsize=(cell * columns, cell * rows + 0.2))
+    fig = Figure(figsize=(cell * columns, cell * rows + 0.2), layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
             ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
-            ax.set_title(titles[i], fontsize=6.5)
+            ax.set_title(wrap(titles[i], int(cell * 15)), fontsize=6.5)
     return save_photo(fig, path)
 
 
