@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from analysis import log
+from data_zoo.cache import default_cache_dir
 from analysis.runs import ImageCache, RunRecord, load_model
 from stress import corruptions
 from stress.corruptions.published import published_sets
+from stress.corruptions.stored import SetCache
 from tracking import plots
 
 DEFAULT_CORRUPTION_IMAGES = 1000
@@ -63,7 +65,9 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
         key = (id(x), pos.tobytes())
         if key not in generated:  # corrupted (or read) once per data set and subset, reused by every run on it
             published = published_sets(folder, p.index[pos], p.labels[pos], x.shape[2:]) if folder else None
-            generated[key] = (list(corruptions.corrupted_sets(x[pos], published=published)), corruptions.source(published, folder))
+            cache = SetCache(run.config["data"].get("cache_dir") or default_cache_dir(), x[pos], seed=0)  # the trials' own sets, where they stored them
+            generated[key] = (list(corruptions.corrupted_sets(x[pos], published=published, cache=cache)), corruptions.source(published, folder))
+            log(cache.summary())
         predict = corruptions.classifier(load_model(run), mean, std)
         results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()), "measured": "analysis", "source": generated[key][1],
                              "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key][0])}

@@ -3,6 +3,7 @@ the source recorded; a misshapen or missing file refused before anything starts,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -82,11 +83,20 @@ def test_a_sweep_and_the_analysis_read_the_published_arrays(tmp_path, monkeypatc
     trial = json.loads(open(client.download_artifacts(run.info.run_id, "robustness.json", str(tmp_path))).read())
     assert trial["source"]["published"] == list(READ) and trial["source"]["kind"] == "mixed"
     assert trial["source"]["published_folder"] == str(tmp_path / "c10c") and len(trial["source"]["generated"]) == 17
+    stored = Path(trial["cache"]["folder"])  # the 17 generated corruptions' sets, stored in the data cache for later trials
+    assert trial["cache"]["read"] == 0 and trial["cache"]["stored"] == 85 and stored.parent == tmp_path / "cache" / "corruptions"
+    assert len(list(stored.glob("*.npy"))) == 85
+    assert sweep.main(argv) == 0  # a second launch: its trial reads every generated set instead of generating it
+    again = client.search_runs([client.get_experiment_by_name("pub").experiment_id], "tags.`stresslab.kind` = 'trial'", order_by=["start_time DESC"])[0]
+    second = json.loads(open(client.download_artifacts(again.info.run_id, "robustness.json", str(tmp_path / "second"))).read())
+    assert second["cache"] == {"folder": str(stored), "read": 85, "stored": 0} and second["accuracy"] == trial["accuracy"]
 
     out = tmp_path / "report"
     analyse = ["--experiment", "pub", "--tracking-uri", uri, "--out", str(out), "--no-log", "--adversarial-images", "0", "--road-images", "2",
                "--max-cams", "2", "--workers", "1"]
+    capsys.readouterr()
     assert analysis_main(analyse + ["--corruption-images", "20"]) == 0  # another subset: measured by the analysis, from the trials' folder
+    assert "corrupted sets: 0 read from the cache, 85 generated and stored" in capsys.readouterr().out  # another subset, another key
     report = json.loads((out / "robustness.json").read_text())
     measured = report["runs"][run.info.run_name]
     assert measured["measured"] == "analysis" and measured["source"]["published"] == list(READ)
@@ -106,4 +116,4 @@ def test_a_sweep_and_the_analysis_read_the_published_arrays(tmp_path, monkeypatc
     assert named in capsys.readouterr().err
     assert sweep.main(argv) == 2
     assert named in capsys.readouterr().err
-    assert len(client.search_runs([client.get_experiment_by_name("pub").experiment_id], "tags.`stresslab.kind` = 'trial'")) == 1  # none started
+    assert len(client.search_runs([client.get_experiment_by_name("pub").experiment_id], "tags.`stresslab.kind` = 'trial'")) == 2  # none started

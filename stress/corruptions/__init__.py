@@ -21,6 +21,7 @@ import numpy as np
 
 from stress.corruptions import blur, digital, noise, weather  # noqa: F401  (each registers its corruptions)
 from stress.corruptions.registry import CORRUPTIONS, SEVERITIES
+from stress.corruptions.stored import SetCache, library_versions
 
 BENCHMARK = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "snow", "frost",
              "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression")
@@ -48,25 +49,28 @@ def first_per_class(labels: np.ndarray, num_classes: int, n_images: int) -> np.n
     return np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(num_classes)])
 
 
-def corrupted_sets(x: np.ndarray, seed: int = 0, published: dict[tuple[str, int], np.ndarray] | None = None
-                   ) -> Iterator[tuple[str, int, np.ndarray]]:
+def corrupted_sets(x: np.ndarray, seed: int = 0, published: dict[tuple[str, int], np.ndarray] | None = None,
+                   cache: SetCache | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
     """(name, severity, images) for every corruption at severities 1-5, in a fixed order: from ``published``
-    (``published.published_sets`` of the same images) where it holds the corruption, else generated from ``x``."""
+    (``published.published_sets`` of the same images) where it holds the corruption, else generated from ``x`` (or
+    read from ``cache``, a ``SetCache`` of the same ``x`` and ``seed``, where an earlier call stored it)."""
     for name in sorted(CORRUPTIONS):
         for severity in SEVERITIES:
-            yield name, severity, published[name, severity] if published and (name, severity) in published else corrupt(x, name, severity, seed)
+            if published and (name, severity) in published:
+                yield name, severity, published[name, severity]
+            elif cache is not None:
+                yield name, severity, cache.get(name, severity, lambda: corrupt(x, name, severity, seed))
+            else:
+                yield name, severity, corrupt(x, name, severity, seed)
 
 
 def source(published: dict[tuple[str, int], np.ndarray] | None = None, folder: str | None = None) -> dict:
     """Where each corruption's images came from, for robustness.json and the report: the published arrays' folder
     and the corruptions read from it, the rest generated here with these libraries' versions."""
-    import importlib.metadata as md
-
     read = sorted({name for name, _ in published}) if published else []
-    libraries = {lib: md.version(lib) for lib in ("numpy", "scipy", "opencv-python-headless", "pillow")}
     return {"kind": "published" if len(read) == len(CORRUPTIONS) else "generated" if not read else "mixed",
             "published": read, "published_folder": folder if read else None,
-            "generated": sorted(set(CORRUPTIONS) - set(read)), "libraries": libraries}
+            "generated": sorted(set(CORRUPTIONS) - set(read)), "libraries": library_versions()}
 
 
 def summarise(accuracy: dict[str, list[float]]) -> dict:
