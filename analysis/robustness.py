@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from analysis import log
-from data_zoo.cache import default_cache_dir
 from analysis.runs import ImageCache, RunRecord, load_model
+from data_zoo.cache import default_cache_dir
 from stress import corruptions
 from stress.corruptions.published import published_sets
 from stress.corruptions.stored import SetCache

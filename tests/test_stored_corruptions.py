@@ -73,3 +73,8 @@ def test_a_cache_that_cannot_be_written_warns_once_and_the_sets_are_still_genera
     err = capsys.readouterr().err
     assert err.count("cannot store corrupted sets under") == 1 and "generated without a cache" in err
     assert cache.record()["stored"] == 0 and all(np.array_equal(sets[k], v) for k, v in generated.items())
+
+
+def test_a_cache_of_another_seed_is_refused():
+    with pytest.raises(ValueError, match="a SetCache of seed 1 for the sets of seed 0"):
+        next(corrupted_sets(X, seed=0, cache=SetCache("unused", X, seed=1)))

@@ -54,6 +54,8 @@ def corrupted_sets(x: np.ndarray, seed: int = 0, published: dict[tuple[str, int]
     """(name, severity, images) for every corruption at severities 1-5, in a fixed order: from ``published``
     (``published.published_sets`` of the same images) where it holds the corruption, else generated from ``x`` (or
     read from ``cache``, a ``SetCache`` of the same ``x`` and ``seed``, where an earlier call stored it)."""
+    if cache is not None and cache.seed != seed:
+        raise ValueError(f"a SetCache of seed {cache.seed} for the sets of seed {seed}")
     for name in sorted(CORRUPTIONS):
         for severity in SEVERITIES:
             if published and (name, severity) in published:

@@ -49,7 +49,7 @@ class SetCache:
     def __init__(self, folder: str | Path, x: np.ndarray, seed: int):
         images = hashlib.sha256(f"{x.dtype}{x.shape}{seed}".encode() + np.ascontiguousarray(x).tobytes()).hexdigest()[:16]
         self.folder = Path(folder).expanduser() / "corruptions" / f"{code_version()}-{images}"
-        self.shape, self.read, self.written, self.writable = x.shape, 0, 0, True
+        self.shape, self.seed, self.read, self.written, self.writable = x.shape, seed, 0, 0, True
 
     def get(self, name: str, severity: int, generate) -> np.ndarray:
         """The set ``name`` at ``severity``: read from the cache, else ``generate()``d and stored."""
