@@ -65,7 +65,7 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
         key = (id(x), pos.tobytes())
         if key not in generated:  # corrupted (or read) once per data set and subset, reused by every run on it
             published = published_sets(folder, p.index[pos], p.labels[pos], x.shape[2:]) if folder else None
-            cache = SetCache(run.config["data"].get("cache_dir") or default_cache_dir(), x[pos], seed=0)  # the trials' own sets, where they stored them
+            cache = SetCache(default_cache_dir(), x[pos], seed=0)  # the analyst's cache (where the trials stored theirs by default)
             generated[key] = (list(corruptions.corrupted_sets(x[pos], published=published, cache=cache)), corruptions.source(published, folder))
             log(cache.summary())
         predict = corruptions.classifier(load_model(run), mean, std)

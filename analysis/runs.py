@@ -241,11 +241,11 @@ def data_mismatch(record: RunRecord, labels: np.ndarray, digest: str | None) -> 
 
 
 def test_images(record: RunRecord, labels: bool = False):
-    """(uint8 test images in prediction order, train mean, train std) from the run's data config (decode cache); with
-    ``labels``, the test labels in that order after them."""
+    """(uint8 test images in prediction order, train mean, train std) from the run's data config, through the analyst's
+    own decode cache; with ``labels``, the test labels in that order after them."""
     from data_zoo import load_bundle
 
-    data = dict(record.config["data"])
+    data = {**record.config["data"], "cache_dir": None}  # a folder named by the store is data, not a place to write to
     try:
         bundle = load_bundle(data)
     except (FileNotFoundError, OSError) as err:

@@ -3,6 +3,7 @@ the source recorded; a misshapen or missing file refused before anything starts,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -95,8 +96,11 @@ def test_a_sweep_and_the_analysis_read_the_published_arrays(tmp_path, monkeypatc
     analyse = ["--experiment", "pub", "--tracking-uri", uri, "--out", str(out), "--no-log", "--adversarial-images", "0", "--road-images", "2",
                "--max-cams", "2", "--workers", "1"]
     capsys.readouterr()
+    trials_cache = sorted((tmp_path / "cache").rglob("*"))
     assert analysis_main(analyse + ["--corruption-images", "20"]) == 0  # another subset: measured by the analysis, from the trials' folder
-    assert "corrupted sets: 0 read from the cache, 85 generated and stored" in capsys.readouterr().out  # another subset, another key
+    logged = capsys.readouterr().out  # another subset, another key; stored in the analyst's cache, not in the one the store names
+    assert f"corrupted sets: 0 read from the cache, 85 generated and stored ({os.environ['STRESSLAB_CACHE']}/corruptions/" in logged
+    assert sorted((tmp_path / "cache").rglob("*")) == trials_cache
     report = json.loads((out / "robustness.json").read_text())
     measured = report["runs"][run.info.run_name]
     assert measured["measured"] == "analysis" and measured["source"]["published"] == list(READ)
