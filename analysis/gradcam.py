@@ -84,7 +84,7 @@ def cam_figure(images: np.ndarray, columns: dict[str, np.ndarray], titles: Seque
     axes = np.atleast_2d(fig.subplots(rows, 1 + len(columns), squeeze=False))
     for r in range(rows):
         axes[r, 0].imshow(images[r].transpose(1, 2, 0), interpolation="nearest")
-        axes[r, 0].set_title(wrap(titles[r], int(cell * 15)), fontsize=7)
+        axes[r, 0].set_title(wrap(titles[r], cell), fontsize=7)
         for c, (name, cams) in enumerate(columns.items(), start=1):
             axes[r, c].imshow(overlay(images[r], cams[r]), interpolation="bilinear")
             if r == 0:
@@ -94,9 +94,10 @@ def cam_figure(images: np.ndarray, columns: dict[str, np.ndarray], titles: Seque
     return save_photo(fig, path)
 
 
-def wrap(title: str, width: int) -> str:
-    """``title`` with each of its lines wrapped at ``width`` characters (a '->' or '+0.12' is never split)."""
-    return "\n".join(textwrap.fill(line, width=width, break_on_hyphens=False) for line in title.splitlines())
+def wrap(title: str, cell: float) -> str:
+    """``title`` with each of its lines wrapped to fit a cell ``cell`` inches wide at a title's 6.5-7 pt (15 characters
+    an inch; a '->' or '+0.12' is never split)."""
+    return "\n".join(textwrap.fill(line, width=int(cell * 15), break_on_hyphens=False) for line in title.splitlines())
 
 
 def save_photo(fig: Figure, path: str | Path) -> Path:
@@ -118,7 +119,7 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, colu
         ax.axis("off")
         if i < len(images):
             ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
-            ax.set_title(wrap(titles[i], int(cell * 15)), fontsize=6.5)
+            ax.set_title(wrap(titles[i], cell), fontsize=6.5)
     return save_photo(fig, path)
 
 
