@@ -10,7 +10,9 @@ Prints, on whatever device it finds, in one run:
   3. Grad-CAM images/s;
   4. on CUDA, each model's model-FLOPs utilisation against the GPU's bf16 peak (FLOPs counted by
      ``torch.utils.flop_counter.FlopCounterMode``, forward + backward);
-  5. the time to generate every CIFAR-10-C corrupted set for 1,000 images (``bench/corruptions.py``).
+  5. the time to generate every CIFAR-10-C corrupted set for 1,000 images (``bench/corruptions.py``);
+  6. what MLflow's basic-auth login costs a REST request, without and with the login cache the Slurm job's server
+     uses (``bench/mlflow_auth.py``).
 
 ``python -m bench --gpu-proof`` is the GPU proof instead (``bench/gpu_proof.py``; see its --help).
 """
@@ -326,7 +328,10 @@ def main() -> None:
                    "`ray start --head` kept between sweeps) instead of a fresh local Ray")
     p.add_argument("--gradcam-images", type=int, default=0, help="images per Grad-CAM measurement (default: 256 on CPU, 1024 on CUDA)")
     p.add_argument("--corruption-images", type=int, default=1000, help="images per corrupted set in part 5 (default: %(default)s)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["training", "precision", "overhead", "gradcam", "corruptions"], help="parts to leave out")
+    p.add_argument("--auth-requests", type=int, default=80, help="authenticated requests per server in part 6 (default: %(default)s, about "
+                   "what one trial's log_model sends)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["training", "precision", "overhead", "gradcam", "corruptions", "mlflow-auth"],
+                   help="parts to leave out")
     args = p.parse_args()
     from model_zoo import list_models
     from training.engine import pick_device
@@ -347,6 +352,10 @@ def main() -> None:
         from bench.corruptions import bench_corruptions
 
         bench_corruptions(args.corruption_images)
+    if "mlflow-auth" not in args.skip:
+        from bench.mlflow_auth import bench_mlflow_auth
+
+        bench_mlflow_auth(args.auth_requests)
 
 
 if __name__ == "__main__":

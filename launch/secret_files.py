@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 MLFLOW_USER = "admin"
+AUTH_CACHE_TTL_S = 3600  # how long the MLflow server trusts a login it checked (see auth_config)
 
 
 class SecretFileError(PermissionError):
@@ -94,23 +95,41 @@ def mlflow_login(folder: Path) -> dict[str, Path]:
     """An MLflow basic-auth login in ``folder`` (kept where it exists, so a restarted server accepts the same login):
 
     - ``auth.ini``: the auth app's config (``MLFLOW_AUTH_CONFIG_PATH``): the admin login and its user database
-      ``auth.db`` beside it; no permission for anyone else;
+      ``auth.db`` beside it; no permission for anyone else; checked logins cached (see ``auth_config``);
     - ``server.env``: what the server needs in its environment (the config's path, the CSRF secret key);
     - ``client.env``: what the driver and trials need (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``).
 
-    The env files are ``KEY=value`` lines for ``set -a; . FILE; set +a``: the secrets never appear on a command line."""
+    The env files are ``KEY=value`` lines for ``set -a; . FILE; set +a``: the secrets never appear on a command line.
+    A kept login's ``auth.ini`` is rewritten with today's settings and its own password (a job requeued after an
+    upgrade gets them too)."""
     folder = private_folder(folder).resolve()
     files = {name: folder / f"{name}.{ext}" for name, ext in (("auth", "ini"), ("server", "env"), ("client", "env"))}
     if all(p.exists() for p in files.values()):
-        return {name: check_owner_only(p) for name, p in files.items()}
+        files = {name: check_owner_only(p) for name, p in files.items()}
+        password = dict(line.split("=", 1) for line in files["client"].read_text().splitlines())["MLFLOW_TRACKING_PASSWORD"]
+        if files["auth"].read_text() != auth_config(folder, password):
+            write_secret(files["auth"], auth_config(folder, password))
+        return files
     password = secrets.token_urlsafe(24)
-    write_secret(files["auth"], f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{folder / 'auth.db'}\n"
-                                f"admin_username = {MLFLOW_USER}\nadmin_password = {password}\n"
-                                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    write_secret(files["auth"], auth_config(folder, password))
     write_secret(files["server"], f"MLFLOW_AUTH_CONFIG_PATH={files['auth']}\nMLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(32)}\n")
     write_secret(files["client"], f"MLFLOW_TRACKING_USERNAME={MLFLOW_USER}\nMLFLOW_TRACKING_PASSWORD={password}\n")
     (folder / "auth.db").unlink(missing_ok=True)  # a user database of an older login would keep the older password
     return files
+
+
+def auth_config(folder: Path, password: str, cache_ttl_s: int = AUTH_CACHE_TTL_S) -> str:
+    """The auth app's ``auth.ini``: one admin, nobody else allowed anything, and checked logins cached for an hour.
+
+    Without the cache MLflow hashes the password again (werkzeug's scrypt, about 0.2 s of CPU) on every REST request, in
+    the server's one worker: a trial's ``log_model`` (one metric-history request per metric) took 99 s in the Slurm
+    job, and 80 authenticated requests took 497 ms each against 18 ms with the cache (``bench/mlflow_auth.py``).
+    Only logins that passed are cached, keyed by an HMAC with a per-process key; a wrong password is checked in full
+    every time. The job's one login never changes while its server runs, and a requeue starts a new server."""
+    return (f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{folder / 'auth.db'}\n"
+            f"admin_username = {MLFLOW_USER}\nadmin_password = {password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {cache_ttl_s}\n")
 
 
 def main(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ from tracking.private_apis import cpu_native_bf16
 
 def test_benchmark_prints_every_figure():
     out = subprocess.run([sys.executable, "-m", "bench", "--images", "32", "--workers", "0", "--rounds", "1", "--overhead-trials", "2", "--overhead-epochs", "1",
-                          "--overhead-images", "128", "--gradcam-images", "16", "--corruption-images", "20"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--overhead-images", "128", "--gradcam-images", "16", "--corruption-images", "20", "--auth-requests", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for model in ("plain_cnn", "residual_cnn", "se_cnn", "resnet18"):  # 1. stresslab vs reference, with the ratio
@@ -29,3 +29,10 @@ def test_benchmark_prints_every_figure():
     assert "n/a: no CUDA device" in text or "TFLOP/s achieved" in text
     timed = re.findall(r"^\s+([a-z_]+)\s+\d+\.\d\d s", text, re.M)  # 5. every corruption's generation time, then the total
     assert len(timed) == 20 and timed[-1] == "total" and re.search(r"total\s+\d+\.\d\d s\s+\(target <= 30 s for 1,000 images: (met|NOT met)\)", text), text
+    # 6. the basic-auth server, without and with stresslab's login cache: a wrong password is refused (401) after the
+    # right one was cached; the cached login skips the password hash (about 0.2 s of CPU a check), so requests are
+    # many times faster (30x on the development machine), which shows the server read the setting
+    served = re.findall(r"^\s+(no login cache \(MLflow's default\)|login cache 3600 s \(stresslab's auth.ini\))\s+(\d+\.\d) ms a request"
+                        r"\s+\(a wrong password after it: 401 in \d+ ms\)$", text, re.M)
+    assert [label for label, _ in served] == ["no login cache (MLflow's default)", "login cache 3600 s (stresslab's auth.ini)"], text
+    assert float(served[0][1]) > 3 * float(served[1][1]), text

@@ -88,6 +88,25 @@ def test_an_mlflow_login_is_private_consistent_and_kept_across_calls(tmp_path):
     assert other["client"].read_text() != files["client"].read_text()
 
 
+def test_mlflow_reads_the_login_as_written_with_checked_logins_cached_and_a_kept_login_gets_todays_settings(tmp_path, monkeypatch):
+    from mlflow.server.auth.config import read_auth_config  # MLflow's own reader of auth.ini
+
+    files = secret_files.mlflow_login(tmp_path / "login")
+    password = files["client"].read_text().split("MLFLOW_TRACKING_PASSWORD=")[1].strip()
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(files["auth"]))
+    config = read_auth_config()
+    assert (config.admin_username, config.admin_password, config.default_permission) == ("admin", password, "NO_PERMISSIONS")
+    assert config.database_uri == f"sqlite:///{tmp_path / 'login' / 'auth.db'}"
+    assert (config.auth_cache_ttl_seconds, config.auth_cache_max_size) == (3600, 10000)  # an hour; MLflow's default size
+    # a login written before the cache setting existed (a job requeued after an upgrade): same password, today's settings
+    files["auth"].write_text(files["auth"].read_text().replace("auth_cache_ttl_seconds = 3600\n", ""))
+    kept = secret_files.mlflow_login(tmp_path / "login")
+    assert read_auth_config().auth_cache_ttl_seconds == 3600 and read_auth_config().admin_password == password
+    assert kept["client"].read_text() == files["client"].read_text() and mode(kept["auth"]) == 0o600
+
+
 def test_the_command_line_exits_2_naming_a_refused_folder(tmp_path, capsys):
     (tmp_path / "link").symlink_to(tmp_path)
     assert secret_files.main(["ray-token", str(tmp_path / "link" / "token")]) == 2

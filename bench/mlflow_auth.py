@@ -1,0 +1,107 @@
+"""Bench part 6: what MLflow's basic-auth login costs per REST request, without and with the login cache that
+``launch.secret_files.auth_config`` turns on for the Slurm job's server (``docs/security.md``).
+
+An ``mlflow server --app-name basic-auth --workers 1`` (as ``slurm/sweep.sbatch`` starts it) with a login written by
+``launch.secret_files.mlflow_login``, once with ``auth_cache_ttl_seconds = 0`` (MLflow's default) and once with ours:
+one run with a metric, then the same metric-history request (what ``log_model`` sends once per metric of the run)
+``requests`` times, authenticated. A wrong password is then sent after the right one was cached: it must get 401.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from launch.secret_files import AUTH_CACHE_TTL_S, auth_config, mlflow_login, write_secret
+
+
+@contextlib.contextmanager
+def auth_server(folder: Path, cache_ttl_s: int):
+    """A basic-auth MLflow server on a free 127.0.0.1 port with a new login in ``folder``, in its own process group;
+    yields (base URL, username, password)."""
+    files = mlflow_login(folder)
+    client = dict(line.split("=", 1) for line in files["client"].read_text().splitlines())
+    user, password = client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]
+    write_secret(files["auth"], auth_config(files["auth"].parent, password, cache_ttl_s))
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           **dict(line.split("=", 1) for line in files["server"].read_text().splitlines())}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(folder / "server.log", "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while status(base + "/health") is None:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the MLflow server did not start; its log: {folder / 'server.log'}")
+            time.sleep(0.5)
+        yield base, user, password
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its worker
+        server.wait(timeout=30)
+
+
+def status(url: str, user: str | None = None, password: str | None = None) -> int | None:
+    """The HTTP status of a GET, with a basic-auth header where ``user`` is given; None where nothing answers."""
+    request = urllib.request.Request(url)
+    if user is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+def post(url: str, user: str, password: str, body: dict) -> dict:
+    """An authenticated JSON POST to MLflow's REST API; its JSON answer."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={
+        "Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def time_requests(cache_ttl_s: int, requests: int) -> tuple[float, float, int | None]:
+    """(s per authenticated request, s for one request with a wrong password, that request's status)."""
+    with tempfile.TemporaryDirectory() as tmp, auth_server(Path(tmp), cache_ttl_s) as (base, user, password):
+        api = base + "/api/2.0/mlflow"
+        experiment = post(f"{api}/experiments/create", user, password, {"name": "bench"})["experiment_id"]
+        run = post(f"{api}/runs/create", user, password, {"experiment_id": experiment})["run"]["info"]["run_id"]
+        post(f"{api}/runs/log-metric", user, password, {"run_id": run, "key": "loss", "value": 1.0, "timestamp": 0})
+        history = f"{api}/metrics/get-history?run_id={run}&metric_key=loss"
+        start = time.perf_counter()
+        for _ in range(requests):
+            if status(history, user, password) != 200:
+                raise RuntimeError(f"the server refused its own login; see {tmp}/server.log")
+        per_request = (time.perf_counter() - start) / requests
+        start = time.perf_counter()
+        wrong = status(history, user, "x" + password)
+        return per_request, time.perf_counter() - start, wrong
+
+
+def bench_mlflow_auth(requests: int) -> dict[int, float]:
+    print(f"\n6. MLflow basic-auth server (--workers 1, as the Slurm job runs it): {requests} authenticated metric-history requests")
+    per_request = {}
+    for ttl in (0, AUTH_CACHE_TTL_S):
+        seconds, wrong_s, wrong = time_requests(ttl, requests)
+        per_request[ttl] = seconds
+        label = "no login cache (MLflow's default)" if ttl == 0 else f"login cache {ttl} s (stresslab's auth.ini)"
+        print(f"   {label:<42}{seconds * 1000:>8.1f} ms a request   (a wrong password after it: {wrong} in {wrong_s * 1000:.0f} ms)", flush=True)
+    print(f"   the cache makes a request {per_request[0] / per_request[AUTH_CACHE_TTL_S]:.1f}x faster", flush=True)
+    return per_request
