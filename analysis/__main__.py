@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import tracking
-from analysis.failures import ROAD_IMAGES
-from analysis.pipeline import GALLERY_CLASSES, run_analysis
+from analysis import GALLERY_CLASSES, ROAD_IMAGES
 from config.errors import InputError
 from stress.corruptions.published import PublishedArraysError
 from config.settings import TrialConfig
@@ -77,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_store(uri, creating=False)
+        from analysis.pipeline import run_analysis  # (torch, grad-cam, matplotlib: not for --help or a refused flag)
+
         run_analysis(args.experiment, uri, out, args.threshold,
                      args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
                      args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import gradcam
+from analysis import ROAD_IMAGES, gradcam
 from analysis.attacks import adversarial_run
 from analysis.runs import ImageCache, Predictions, RunRecord, load_model
 from config.settings import TrialConfig
@@ -21,7 +21,6 @@ from tracking import plots
 CENTRE = 16  # side of the central square (pixels of 32) against which border CAM mass is measured
 UNIFORM_BORDER = 1 - (CENTRE / 32) ** 2  # a CAM spread evenly puts this much mass on the border
 SHOWN = 24  # failures per run the report shows (the grid) and failures.json lists; the full list goes to MLflow
-ROAD_IMAGES = 32  # seeded test images per run on which Grad-CAM's ROAD faithfulness is measured
 
 
 def mine_failures(pred: Predictions, threshold: float) -> list[dict]:

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from analysis.failures import RunAnalysis
 
 
-GALLERY_CLASSES = ("cat", "dog", "bird", "airplane", "ship")  # seed 004's gallery
 
 
 def sweep_figures(analyses: list[RunAnalysis], out: Path) -> dict[str, Path]:

@@ -15,8 +15,8 @@ from pathlib import Path
 from analysis import attacks, calibration, compare, gradcam, label_issues, log, logged, persistent, report, robustness
 from analysis import figures as overview
 from analysis import workers as workers_pool
-from analysis.failures import ROAD_IMAGES, RunSettings
-from analysis.figures import GALLERY_CLASSES
+from analysis import GALLERY_CLASSES, ROAD_IMAGES
+from analysis.failures import RunSettings
 from analysis.artifacts import ArtifactReader
 from analysis.runs import ImageCache, find_runs
 from tracking import metrics

@@ -48,6 +48,18 @@ def sweep_argv(tmp_path, *sets: str, uri: str | None = None) -> list[str]:
     return argv + [arg for s in sets for arg in ("--set", s)]
 
 
+def test_the_analysis_answers_help_and_refuses_a_bad_flag_before_loading_torch_grad_cam_or_matplotlib():
+    """They load the analysis' models and figures (8-10 s on 2 cores): --help and a refused flag must not wait for them."""
+    import sys
+
+    probe = ("import sys\nfrom analysis.__main__ import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('exit', code, 'loaded', sorted(m for m in ('torch', 'matplotlib', 'pytorch_grad_cam') if m in sys.modules))")
+    for argv, code in ((["--help"], 0), (["--experiment", "x", "--baseline", "augment=none"], 2), (["--experiment", "x", "--threshold", "1.5"], 2)):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().endswith(f"exit {code} loaded []"), out.stdout[-500:] + out.stderr[-2000:]
+        assert code == 0 or "error: --" in out.stderr, out.stderr
+
+
 def test_a_subset_below_the_number_of_classes_is_refused_with_the_setting_that_works(tmp_path, capsys):
     err = refused(tmp_path, capsys, sweep_argv(tmp_path, "data.subset=5"))
     assert "data.subset 5 is below the number of classes (10): 0 images per class; use --set data.subset=100" in err
