@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from analysis.failures import RunAnalysis
 
 
-
-
 def sweep_figures(analyses: list[RunAnalysis], out: Path) -> dict[str, Path]:
     """Curves overlaid, metrics bar, per-class accuracy and the worst classes."""
     runs = [a.run for a in analyses]

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from launch.secret_files import AUTH_CACHE_TTL_S, auth_config, mlflow_login, write_secret
+from launch.secret_files import AUTH_CACHE_TTL_S, auth_config, mlflow_login, read_env, write_secret
 
 
 @contextlib.contextmanager
@@ -30,11 +30,11 @@ def auth_server(folder: Path, cache_ttl_s: int):
     """A basic-auth MLflow server on a free 127.0.0.1 port with a new login in ``folder``, in its own process group;
     yields (base URL, username, password)."""
     files = mlflow_login(folder)
-    client = dict(line.split("=", 1) for line in files["client"].read_text().splitlines())
+    client = read_env(files["client"])
     user, password = client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]
     write_secret(files["auth"], auth_config(files["auth"].parent, password, cache_ttl_s))
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           **dict(line.split("=", 1) for line in files["server"].read_text().splitlines())}
+           **read_env(files["server"])}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -55,11 +55,14 @@ def auth_server(folder: Path, cache_ttl_s: int):
         server.wait(timeout=30)
 
 
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    """The HTTP basic-auth header of a login."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
 def status(url: str, user: str | None = None, password: str | None = None) -> int | None:
     """The HTTP status of a GET, with a basic-auth header where ``user`` is given; None where nothing answers."""
-    request = urllib.request.Request(url)
-    if user is not None:
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    request = urllib.request.Request(url, headers=basic_auth(user, password) if user is not None else {})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status
@@ -71,8 +74,7 @@ def status(url: str, user: str | None = None, password: str | None = None) -> in
 
 def post(url: str, user: str, password: str, body: dict) -> dict:
     """An authenticated JSON POST to MLflow's REST API; its JSON answer."""
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={
-        "Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **basic_auth(user, password)})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.load(response)
 

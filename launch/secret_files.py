@@ -106,9 +106,9 @@ def mlflow_login(folder: Path) -> dict[str, Path]:
     files = {name: folder / f"{name}.{ext}" for name, ext in (("auth", "ini"), ("server", "env"), ("client", "env"))}
     if all(p.exists() for p in files.values()):
         files = {name: check_owner_only(p) for name, p in files.items()}
-        password = dict(line.split("=", 1) for line in files["client"].read_text().splitlines())["MLFLOW_TRACKING_PASSWORD"]
-        if files["auth"].read_text() != auth_config(folder, password):
-            write_secret(files["auth"], auth_config(folder, password))
+        today = auth_config(folder, read_env(files["client"])["MLFLOW_TRACKING_PASSWORD"])
+        if files["auth"].read_text() != today:
+            write_secret(files["auth"], today)
         return files
     password = secrets.token_urlsafe(24)
     write_secret(files["auth"], auth_config(folder, password))
@@ -118,12 +118,17 @@ def mlflow_login(folder: Path) -> dict[str, Path]:
     return files
 
 
+def read_env(path: Path) -> dict[str, str]:
+    """The ``KEY=value`` lines of an env file that ``mlflow_login`` wrote, as a dict."""
+    return dict(line.split("=", 1) for line in Path(path).read_text().splitlines())
+
+
 def auth_config(folder: Path, password: str, cache_ttl_s: int = AUTH_CACHE_TTL_S) -> str:
     """The auth app's ``auth.ini``: one admin, nobody else allowed anything, and checked logins cached for an hour.
 
     Without the cache MLflow hashes the password again (werkzeug's scrypt, about 0.2 s of CPU) on every REST request, in
     the server's one worker: a trial's ``log_model`` (one metric-history request per metric) took 99 s in the Slurm
-    job, and 80 authenticated requests took 497 ms each against 18 ms with the cache (``bench/mlflow_auth.py``).
+    job, and an authenticated request took 440-497 ms against 14-18 ms with the cache (``python -m bench``, part 6).
     Only logins that passed are cached, keyed by an HMAC with a per-process key; a wrong password is checked in full
     every time. The job's one login never changes while its server runs, and a requeue starts a new server."""
     return (f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{folder / 'auth.db'}\n"
