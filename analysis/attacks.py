@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis import gradcam
+from analysis import gradcam, photos
 from analysis.runs import RunRecord
 from config.settings import TrialConfig
 from data_zoo.loader import standardise
@@ -49,7 +49,7 @@ def adversarial_run(model, target, x: np.ndarray, mean, std, pred, settings: Run
     before_cams = gradcam.compute_cams(model, target, standardise(clean, m, s), pred.preds[chosen])
     after_cams = gradcam.compute_cams(model, target, standardise(adv, m, s), after)
     titles = [f"#{pred.index[q]} {pred.classes[pred.labels[q]]}->{pred.classes[a]} at {e * 255:.0f}/255" for (e, q), a in zip(flips, after)]
-    figure = gradcam.cam_figure(x[chosen], {"Grad-CAM: clean prediction": before_cams, "Grad-CAM: after PGD": after_cams}, titles,
+    figure = photos.cam_figure(x[chosen], {"Grad-CAM: clean prediction": before_cams, "Grad-CAM: after PGD": after_cams}, titles,
                                 folder / "adversarial_flips.webp")
     return result, figure
 

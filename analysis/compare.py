@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from analysis import gradcam, log
+from analysis import gradcam, log, photos
 from analysis.runs import ImageCache, Predictions, RunRecord, load_model, safe_names
 from config.errors import InputError
 from data_zoo.loader import normalise
@@ -212,7 +212,7 @@ def compare_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tupl
         p = base.predictions
         titles = [f"#{i} {'fixed' if i in rows[0]['fixed'] else 'new'}: {p.classes[p.labels[q]]}; {p.classes[p.preds[q]]}->{p.classes[var.predictions.preds[q]]}"
                   for i, q in zip(shown, pos)]
-        result.figures["before_after"] = gradcam.cam_figure(x[pos], columns, titles, folder / "gradcam_before_after.webp")
+        result.figures["before_after"] = photos.cam_figure(x[pos], columns, titles, folder / "gradcam_before_after.webp")
     deltas = {r["class"]: r["delta"][0] for r in result.per_class if r["class"] != "overall"}
     result.figures["per_class_delta"] = plots.plot_bars({label: deltas}, folder / "per_class_delta.png", f"per-class accuracy change ({label})", "delta")
     (folder / "comparison.json").write_text(json.dumps(asdict(result), indent=1, default=str))

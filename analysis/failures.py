@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import ROAD_IMAGES, gradcam
+from analysis import ROAD_IMAGES, gradcam, photos
 from analysis.attacks import adversarial_run
 from analysis.runs import ImageCache, Predictions, RunRecord, load_model
 from config.settings import TrialConfig
@@ -225,8 +225,8 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSett
     titles = [f"#{f['test_index']} {f['true_class']}->{f['predicted_class']} {f['confidence']:.2f}" for f in found[:SHOWN]]
     road_titles = [t + (f"\nROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
     if found:
-        result.figures["failures"] = gradcam.image_grid(x[[f["position"] for f in found[:SHOWN]]], titles, folder / "failures_grid.webp")
-        result.figures["gradcam"] = gradcam.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},
+        result.figures["failures"] = photos.image_grid(x[[f["position"] for f in found[:SHOWN]]], titles, folder / "failures_grid.webp")
+        result.figures["gradcam"] = photos.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},
                                                        road_titles[:shown], folder / "gradcam_failures.webp")
     confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)
     result.figures["confusion"] = plots.plot_confusion(confusion, pred.classes, folder / "confusion_matrix.png", title=run.name)

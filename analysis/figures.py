@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis import gradcam
+from analysis import gradcam, photos
 from analysis.runs import ImageCache, RunRecord, load_model
 from data_zoo.loader import normalise
 from tracking import metrics, plots
@@ -41,4 +41,4 @@ def class_gallery(run: RunRecord, images: ImageCache, out: Path, layers: dict[st
     model = load_model(run)
     cams = gradcam.compute_cams(model, gradcam_target(model, run.config["arch"], layers.get(run.config["arch"])), normalise(x[pos], mean, std), pred.preds[pos])
     titles = [f"#{pred.index[p]} {pred.classes[pred.labels[p]]} (pred {pred.classes[pred.preds[p]]} {pred.confidence[p]:.2f})" for p in pos]
-    return gradcam.cam_figure(x[pos], {"Grad-CAM: predicted": cams}, titles, out / "class_gallery.webp", cell=1.6)
+    return photos.cam_figure(x[pos], {"Grad-CAM: predicted": cams}, titles, out / "class_gallery.webp")

@@ -5,15 +5,11 @@ Localization", ICCV 2017. The library's context-manager form releases its hooks 
 """
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -67,60 +63,6 @@ def layer_resolution(model: nn.Module, layer: nn.Module, size: int = 32) -> tupl
     finally:
         handle.remove()
     return shapes[0]
-
-
-def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
-    """A uint8 CHW image with its CAM as a heat map (HWC uint8)."""
-    return show_cam_on_image(image.transpose(1, 2, 0).astype(np.float32) / 255.0, cam, use_rgb=True)
-
-
-def cam_figure(images: np.ndarray, columns: dict[str, np.ndarray], titles: Sequence[str], path: str | Path, cell: float = 1.9) -> Path:
-    """One row per image: the image, then one overlay per entry of ``columns`` (name -> CAMs).
-
-    Each row's title is wrapped to its cell's width and the layout is constrained, so that a long title (one with a
-    ROAD score) neither runs into the next column's header nor into the row above."""
-    rows = len(images)
-    fig = Figure(figsize=(cell * (1 + len(columns)), cell * rows + 0.3), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(rows, 1 + len(columns), squeeze=False))
-    for r in range(rows):
-        axes[r, 0].imshow(images[r].transpose(1, 2, 0), interpolation="nearest")
-        axes[r, 0].set_title(wrap(titles[r], cell), fontsize=7)
-        for c, (name, cams) in enumerate(columns.items(), start=1):
-            axes[r, c].imshow(overlay(images[r], cams[r]), interpolation="bilinear")
-            if r == 0:
-                axes[r, c].set_title(name, fontsize=8)
-        for ax in axes[r]:
-            ax.axis("off")
-    return save_photo(fig, path)
-
-
-def wrap(title: str, cell: float) -> str:
-    """``title`` with each of its lines wrapped to fit a cell ``cell`` inches wide at a title's 6.5-7 pt (15 characters
-    an inch; a '->' or '+0.12' is never split)."""
-    return "\n".join(textwrap.fill(line, width=int(cell * 15), break_on_hyphens=False) for line in title.splitlines())
-
-
-def save_photo(fig: Figure, path: str | Path) -> Path:
-    """A grid of photographs (and heat maps over them) as WebP, quality 80: Grad-CAM figures 1/7 of their PNG size,
-    failure grids 1/2, half a JPEG's at quality 85, the heat map as legible (docs/gradcam_png_vs_webp.jpg); plots of
-    lines and bars stay PNG."""
-    path = Path(path).with_suffix(".webp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight", pil_kwargs={"quality": 80})
-    return path
-
-
-def image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, columns: int = 6, cell: float = 1.7) -> Path:
-    """Images in a grid, each with its title (index, truth, prediction, confidence), wrapped to its cell's width."""
-    rows = max(1, -(-len(images) // columns))
-    fig = Figure(figsize=(cell * columns, cell * rows + 0.2), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(rows, columns, squeeze=False))
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(images):
-            ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
-            ax.set_title(wrap(titles[i], cell), fontsize=6.5)
-    return save_photo(fig, path)
 
 
 def resolve_layers(spec: str | None, runs: list[RunRecord]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import gradcam, log
+from analysis import log, photos
 from analysis.persistent import failure_matrix
 from analysis.runs import ImageCache, RunRecord
 
@@ -81,7 +81,7 @@ def label_issues_step(runs: list[RunRecord], images: ImageCache, out: Path, thre
     if top:
         x, _, _ = images.get(runs[0])
         titles = [f"#{c['test_index']} given {c['given_class']}, suggested {c['suggested_class']} ({c['quality']:.2f})" for c in top]
-        result["figure"] = gradcam.image_grid(x[[c["position"] for c in top]], titles, out / "label_issues.webp")
+        result["figure"] = photos.image_grid(x[[c["position"] for c in top]], titles, out / "label_issues.webp")
     log(f"label issues: {result['count']} of {result['test_images']} test images flagged as likely mislabelled (the runs' mean prediction "
         f"{result['ensemble_accuracy']:.1%} right" + ("; too weak for this count to be trusted)" if result["weak_ensemble"] else ")"))
     return result

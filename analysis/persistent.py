@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import gradcam
+from analysis import photos
 from analysis.runs import ImageCache, RunRecord
 
 
@@ -82,5 +82,5 @@ def persistent_step(runs: list[RunRecord], images: ImageCache, out: Path, thresh
         for i, q in zip(shown, pos):
             usual, n = usual_prediction(runs, i)
             titles.append(f"#{i} {p.classes[p.labels[q]]}->{usual} ({result['counts'][i]}/{len(runs)})")
-        result["figure"] = gradcam.image_grid(x[pos], titles, out / "persistent_failures.webp")
+        result["figure"] = photos.image_grid(x[pos], titles, out / "persistent_failures.webp")
     return result

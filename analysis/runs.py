@@ -218,8 +218,6 @@ def logged_models(mlflow_client, experiment_id: str) -> dict[str, tuple[str, str
 
 def load_model(record: RunRecord, device: str = "cpu"):
     """The run's final model, rebuilt from its config and weights (weights-only unpickling)."""
-    import torch
-
     from model_zoo import create_model
 
     cfg = record.config
