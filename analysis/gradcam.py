@@ -33,17 +33,75 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, cams: np.ndarray, class
     """ROAD score per map (Rong et al., ICML 2022, pytorch-grad-cam's ``ROADCombined``, percentiles 20-80): the change
     of the class's softmax when the least relevant pixels are imputed away minus its change when the most relevant are,
     halved, i.e. (drop under most-relevant-first - drop under least-relevant-first) / 2. Positive means the map points
-    at what the model uses. The imputation noise is seeded, so the same inputs give the same scores."""
-    from pytorch_grad_cam.metrics.road import ROADCombined
+    at what the model uses. The imputation noise is seeded, so the same inputs give the same scores.
+
+    Assembled from the library's parts as its ``ROADCombined`` is (least-relevant-first first, so the seeded noise
+    falls the same), with the clean images' softmax computed once instead of once per percentile and ``SparseImputer``
+    for its imputer: the library's own scores, bit for bit, in half the time."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import PerturbationConfidenceMetric, RemoveLeastRelevantFirst, RemoveMostRelevantFirst
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     if not len(inputs):
         return np.zeros(0)
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]
-    device = next(model.parameters()).device
+    inputs, imputer = inputs.to(next(model.parameters()).device), SparseImputer()
+    with torch.no_grad():
+        clean = np.float32([target(output).cpu().numpy() for target, output in zip(targets, model(inputs))])
+
+    def mean_change(removal) -> np.ndarray:  # the library's AveragerAcrossThresholds over its PerturbationConfidenceMetric
+        after = [PerturbationConfidenceMetric(removal(p, imputer))(inputs, cams, targets, model, return_diff=False) for p in (20, 40, 60, 80)]
+        return np.mean(np.float32([a - clean for a in after]), axis=0)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return np.asarray(ROADCombined(percentiles=[20, 40, 60, 80])(inputs.to(device), cams, targets, model), dtype=float).reshape(-1)
+        least_first = mean_change(RemoveLeastRelevantFirst)
+        return np.asarray((least_first - mean_change(RemoveMostRelevantFirst)) / 2, dtype=float).reshape(-1)
+
+
+class SparseImputer:
+    """ROAD's noisy linear imputation (pytorch-grad-cam's ``NoisyLinearImputer``: each removed pixel the weighted mean
+    of its 8 neighbours, solved as one sparse system, plus noise 0.01) with the system built in one go: the library
+    fills a ``lil_matrix`` entry by entry, half of ROAD's time; this gives the same matrix, and so the same pixels."""
+
+    noise = 0.01
+
+    def __call__(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from scipy.sparse.linalg import spsolve
+
+        a, b = imputation_system(mask.numpy(), img.numpy())
+        solved = torch.tensor(spsolve(a, b), dtype=torch.float).t()
+        filled = img.reshape(img.shape[0], -1).clone()
+        filled[:, np.flatnonzero(mask.reshape(-1).numpy() == 0)] = solved + self.noise * torch.randn_like(solved)
+        return filled.reshape_as(img)
+
+
+def imputation_system(mask: np.ndarray, img: np.ndarray):
+    """(A, b) of the library's ``setup_sparse_system``: one equation per removed pixel (mask 0), one unknown each,
+    A in CSC form; the same neighbour order, so the same floating-point sums."""
+    from pytorch_grad_cam.metrics.road import neighbors_weights
+    from scipy.sparse import coo_matrix
+
+    height, width = mask.shape
+    known, values = mask.reshape(-1) > 0.5, img.reshape(img.shape[0], -1)
+    removed = np.flatnonzero(mask.reshape(-1) == 0)
+    unknown_id = np.zeros(known.size, dtype=int)
+    unknown_id[removed] = np.arange(len(removed))
+    b, weight_sum = np.zeros((len(removed), img.shape[0])), np.ones(len(removed))
+    rows, cols, weights = [], [], []
+    for (dy, dx), weight in neighbors_weights:
+        y, x = removed // width + dy, removed % width + dx
+        inside = (y >= 0) & (x >= 0) & (y < height) & (x < width)
+        ids, neighbour = np.flatnonzero(inside), (y * width + x)[inside]
+        b[ids[known[neighbour]], :] -= weight * values[:, neighbour[known[neighbour]]].T
+        rows.append(ids[~known[neighbour]])
+        cols.append(unknown_id[neighbour[~known[neighbour]]])
+        weights.append(np.full(len(rows[-1]), weight))
+        weight_sum[~inside] -= weight
+    rows.append(np.arange(len(removed)))
+    cols.append(np.arange(len(removed)))
+    weights.append(-weight_sum)
+    a = coo_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(len(removed), len(removed)))
+    return a.tocsc(), b
 
 
 def reference_maps(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
