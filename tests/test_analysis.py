@@ -132,14 +132,14 @@ def test_road_faithfulness_prefers_the_map_of_the_region_the_model_uses():
 
 def test_road_scores_are_pytorch_grad_cams_own_bit_for_bit():
     """faithfulness() assembles ROAD with SparseImputer: the library's ROADCombined, under the same seed, gives the same
-    scores exactly, on maps that remove from none to all of an image's pixels."""
+    scores exactly, on random maps and on flat ones (where every percentile removes every pixel)."""
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     model, rng = RegionModel().eval(), np.random.default_rng(1)
     x, classes = torch.randn(12, 3, 32, 32), rng.integers(0, model.head.out_features, 12).tolist()
     cams = rng.random((12, 32, 32)).astype(np.float32)
-    cams[0], cams[1] = 0.5, 0  # flat maps: one percentile removes nothing or everything
+    cams[0], cams[1] = 0.5, 0  # no pixel below any percentile: all of them imputed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         library = ROADCombined(percentiles=[20, 40, 60, 80])(x, cams, [ClassifierOutputSoftmaxTarget(c) for c in classes], model)
