@@ -92,9 +92,10 @@ def imputation_system(mask: np.ndarray, img: np.ndarray):
         y, x = removed // width + dy, removed % width + dx
         inside = (y >= 0) & (x >= 0) & (y < height) & (x < width)
         ids, neighbour = np.flatnonzero(inside), (y * width + x)[inside]
-        b[ids[known[neighbour]], :] -= weight * values[:, neighbour[known[neighbour]]].T
-        rows.append(ids[~known[neighbour]])
-        cols.append(unknown_id[neighbour[~known[neighbour]]])
+        given = known[neighbour]  # the neighbour's value is kept (right-hand side) or is another unknown (matrix)
+        b[ids[given], :] -= weight * values[:, neighbour[given]].T
+        rows.append(ids[~given])
+        cols.append(unknown_id[neighbour[~given]])
         weights.append(np.full(len(rows[-1]), weight))
         weight_sum[~inside] -= weight
     rows.append(np.arange(len(removed)))

@@ -93,8 +93,9 @@ def wrap(title: str, width: int, size: int = TITLE_PX) -> list[str]:
     for line in title.splitlines():
         current = ""
         for word in line.split():
-            if fits(f"{current} {word}".strip()):
-                current = f"{current} {word}".strip()
+            candidate = f"{current} {word}" if current else word
+            if fits(candidate):
+                current = candidate
                 continue
             if current:
                 out.append(current)
@@ -126,7 +127,7 @@ def font(size: int) -> ImageFont.FreeTypeFont:
 def enlarge(hwc: np.ndarray, smooth: bool = False) -> np.ndarray:
     """An HWC uint8 image at SCALE times its size: each pixel a block (photographs), or bilinear (heat maps)."""
     if not smooth:
-        return np.ascontiguousarray(hwc.repeat(SCALE, 0).repeat(SCALE, 1))
+        return hwc.repeat(SCALE, 0).repeat(SCALE, 1)
     h, w = hwc.shape[:2]
     return cv2.resize(np.ascontiguousarray(hwc), (w * SCALE, h * SCALE), interpolation=cv2.INTER_LINEAR)
 
