@@ -153,18 +153,21 @@ def pruned_trials(sweep: dict) -> dict[str, str]:
 
 def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storage: str) -> int:
     """Print the trials sorted by the metric, close the parent run, say how to open the UI or resume."""
-    outcomes, rows = pruned_trials(sweep), []
+    outcomes, rows, finished = pruned_trials(sweep), [], []
     for result in results:
         m = result.metrics or {}
         outcome = outcomes.get(m.get("trial_id", ""), "")
         status = (f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else outcome or ("done" if metrics.TEST_ACC in m else "unfinished"))
         rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
+        finished += [m] if status == "done" else []
     rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))
     width = max([len("trial"), *(len(str(r[0])) for r in rows)]) + 2  # full names, never cut
     print(f"\n{'trial':<{width}}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
     for folder, value, test_acc, epochs, status in rows:
         fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"
         print(f"{str(folder):<{width}}{fmt(value):>10}{fmt(test_acc):>10}{str(epochs or '-'):>8}  {status}")
+    if finished:
+        print(phase_times(finished))
     failed = sum(r[4].startswith("ERROR") for r in rows)
     unfinished = sum(r[4] == "unfinished" for r in rows)
     pruned = sum(r[4].startswith("pruned") for r in rows)
@@ -176,6 +179,19 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storag
     done = len(rows) - failed - pruned
     print(f"\n{done}/{len(rows)} trials finished" + (f", {pruned} pruned by {cfg.scheduler.name}" if pruned else "") + ". " + ui_hint(sweep))
     return 1 if failed else 0
+
+
+PHASES = ((metrics.EPOCH_SECONDS, "last epoch"), (metrics.TIME_EPOCH_REST, "rest of an epoch"), (metrics.TIME_TEST, "test set"),
+          (metrics.TIME_ROBUSTNESS, "corruption test"), (metrics.TIME_ADVERSARIAL, "FGSM/PGD"), (metrics.TIME_ARTIFACTS, "artifacts"))
+"""A trial's stages as its final report holds them: its last epoch's training and the rest of that epoch, then each stage
+after the last epoch (their ``time/*`` metrics in MLflow, where each run's whole history is)."""
+
+
+def phase_times(finished: list[dict]) -> str:
+    """Where a finished trial's time went, the mean over ``finished`` (each trial's last reported metrics); a stage that
+    took under 0.05 s (a stress test the experiment does not run) is left out."""
+    means = ((label, sum(m.get(key, 0.0) for m in finished) / len(finished)) for key, label in PHASES)
+    return f"time per finished trial (mean of {len(finished)}): " + ", ".join(f"{label} {v:.1f} s" for label, v in means if v >= 0.05)
 
 
 def ui_hint(sweep: dict) -> str:

@@ -60,6 +60,18 @@ def test_asha_completed_runs_finish_and_pruned_runs_say_so(asha_sweep, capsys):
         assert run.data.metrics[metrics.EPOCH] == epochs and metrics.TEST_ACC not in run.data.metrics and "error" not in run.data.tags
         assert f"pruned at epoch {epochs} (asha)" in out
     assert f"{len(finished)}/6 trials finished, {len(pruned)} pruned by asha" in out
+    # where a finished trial's time went: the means of what the finished runs logged last (the pruned ones left out);
+    # a stage under 0.05 s is not printed, and lr-search runs neither stress test
+    line = next(s for s in out.splitlines() if s.startswith("time per finished trial"))
+    head, stages = line.split(": ", 1)
+    assert head == f"time per finished trial (mean of {len(finished)})"
+    printed = dict(stage.removesuffix(" s").rsplit(" ", 1) for stage in stages.split(", "))  # label -> seconds as printed
+    logged = {"last epoch": metrics.EPOCH_SECONDS, "rest of an epoch": metrics.TIME_EPOCH_REST, "test set": metrics.TIME_TEST,
+              "corruption test": metrics.TIME_ROBUSTNESS, "FGSM/PGD": metrics.TIME_ADVERSARIAL, "artifacts": metrics.TIME_ARTIFACTS}
+    for label, key in logged.items():
+        mean = sum(r.data.metrics[key] for r in finished) / len(finished)
+        assert printed.get(label) == (f"{mean:.1f}" if mean >= 0.05 else None), (label, mean, line)
+    assert "last epoch" in printed and "corruption test" not in printed and "FGSM/PGD" not in printed, line
     assert runs(uri, "lr-search", "sweep")[0].info.status == "FINISHED"
 
 
