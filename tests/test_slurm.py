@@ -40,9 +40,23 @@ QUICK = ["--experiment", "quick", "--set", "data.name=synthetic", "--set", "arch
          "--set", "resources.cpu=1"]
 CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
 BY_HAND_EPOCHS = 2  # acceptance 1's command; requeued once a trial has checkpointed its first, so at least one epoch is resumed
-TIME_LIMIT_EPOCHS = 10  # more than the first start trains between its first checkpoint and the warning (<= 30 s later, when
-                        # slurmctld next checks its time limits; ~6 s an epoch here with both jobs running)
+TRAINING_LEFT = 45  # s the time-limit job's first start must still train after its first checkpoint: the warning comes
+                    # <= 30 s after the limit is cut (slurmctld checks time limits every 30 s), and the sweep must run then
 SIGNAL_LEAD = 180  # the warning's lead (s): the limit is cut to 2-3 minutes ahead, so the warning comes at once with >= 90 s left
+
+
+def time_limit_epochs() -> int:
+    """The time-limit job's epochs: at least 10, and enough that its first start trains TRAINING_LEFT s after its first
+    checkpoint on this machine (seen: 6 s an epoch on an fp32 Zen 3, 1.2 s on a bf16 Zen 5, where 10 epochs ended before
+    the warning). Timed on the job's own trial here, alone, so faster than in the job beside the other: it errs long."""
+    from config.schema import resolve, trial_configs
+    from tracking import TrialRun, metrics
+    from trainable import fit
+
+    _, experiment = resolve(ROOT / "experiments.yaml", "quick", [*QUICK[3::2], "epochs=2", "adversarial=false", "log_model=false"])
+    seconds: list[float] = []
+    fit(trial_configs(experiment)[0], TrialRun(), lambda values, state: seconds.append(values[metrics.EPOCH_SECONDS]), threads=1)
+    return max(10, math.ceil(TRAINING_LEFT / seconds[-1]) + 1)  # (the second epoch: the first has the kernels' warm-up)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +104,11 @@ def jobs(tmp_path_factory, slurm):
     env = {**slurm, "HOME": str(base / "home"), "STRESSLAB_PYTHON": sys.executable, "STRESSLAB_JOIN_TIMEOUT": "180",
            "STRESSLAB_SYSTEM_METRICS_INTERVAL": "10"}  # the default (the test session's 1 s would load the servers and both CPUs)
     env.pop("RAY_ADDRESS", None)
+    epochs = time_limit_epochs()
     submitted = {
         "by_hand": (Job(checkout_copy(base / "by-hand"), env), ["--nodes=2", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={BY_HAND_EPOCHS}"]),
         "time_limit": (Job(checkout_copy(base / "time-limit"), env, time_limit_after_requeue="UNLIMITED"),
-                       ["--nodes=2", "--time=15", f"--signal=B:USR1@{SIGNAL_LEAD}", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={TIME_LIMIT_EPOCHS}",
+                       ["--nodes=2", "--time=15", f"--signal=B:USR1@{SIGNAL_LEAD}", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={epochs}",
                         "--set", "adversarial=false", "--set", "log_model=false"]),  # (what this job tests is the time limit)
     }
     for job, args in submitted.values():
@@ -117,7 +132,7 @@ def jobs(tmp_path_factory, slurm):
     cut: dict = {}
     cutter = threading.Thread(target=cut_limit_after_first_checkpoint, args=(jobs["time_limit"], stop, cut), daemon=True)
     cutter.start()
-    yield jobs | {"refused": refused, "cut": cut}
+    yield jobs | {"refused": refused, "cut": cut, "time_limit_epochs": epochs}
     stop.set()
     for thread in (hurrier, prober, cutter):
         thread.join()
@@ -313,5 +328,5 @@ def test_a_job_warned_before_its_time_limit_requeues_itself_and_finishes(jobs):
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
     assert "SIGUSR1: stopping the sweep" in log and "DUE TO TIME LIMIT" not in log, log
     assert re.search(r"stopping: the sweep's state is saved; the [12] running trial\(s\) get up to 10 s to stop", log), log  # the driver's word
-    sweep_trials(job, TIME_LIMIT_EPOCHS)
+    sweep_trials(job, jobs["time_limit_epochs"])
     assert_nothing_left(job)
