@@ -159,7 +159,8 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storag
         outcome = outcomes.get(m.get("trial_id", ""), "")
         status = (f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else outcome or ("done" if metrics.TEST_ACC in m else "unfinished"))
         rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
-        finished += [m] if status == "done" else []
+        if status == "done":
+            finished.append(m)
     rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))
     width = max([len("trial"), *(len(str(r[0])) for r in rows)]) + 2  # full names, never cut
     print(f"\n{'trial':<{width}}{cfg.metric:>10}{metrics.TEST_ACC:>10}{'epochs':>8}  status")
@@ -183,8 +184,9 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storag
 
 PHASES = ((metrics.EPOCH_SECONDS, "last epoch"), (metrics.TIME_EPOCH_REST, "rest of an epoch"), (metrics.TIME_TEST, "test set"),
           (metrics.TIME_ROBUSTNESS, "corruption test"), (metrics.TIME_ADVERSARIAL, "FGSM/PGD"), (metrics.TIME_ARTIFACTS, "artifacts"))
-"""A trial's stages as its final report holds them: its last epoch's training and the rest of that epoch, then each stage
-after the last epoch (their ``time/*`` metrics in MLflow, where each run's whole history is)."""
+"""A trial's stages as its final report holds them: its last epoch's training, the rest (validation, logging, checkpoint,
+report) of the epoch before it, then each stage after the last epoch (their ``time/*`` metrics in MLflow, where each
+run's whole history is)."""
 
 
 def phase_times(finished: list[dict]) -> str:

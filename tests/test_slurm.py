@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(bool(missing()), reason=f"Slurm is not installed
 QUICK = ["--experiment", "quick", "--set", "data.name=synthetic", "--set", "arch=plain_cnn", "--set", "robustness=false",
          "--set", "resources.cpu=1"]
 CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
+TIME_LIMIT = [*QUICK, "--set", "adversarial=false", "--set", "log_model=false"]  # (what the time-limit job tests is the time limit)
 BY_HAND_EPOCHS = 2  # acceptance 1's command; requeued once a trial has checkpointed its first, so at least one epoch is resumed
 TRAINING_LEFT = 45  # s the time-limit job's first start must still train after its first checkpoint: the warning comes
                     # <= 30 s after the limit is cut (slurmctld checks time limits every 30 s), and the sweep must run then
@@ -53,7 +54,7 @@ def time_limit_epochs() -> int:
     from tracking import TrialRun, metrics
     from trainable import fit
 
-    _, experiment = resolve(ROOT / "experiments.yaml", "quick", [*QUICK[3::2], "epochs=2", "adversarial=false", "log_model=false"])
+    _, experiment = resolve(ROOT / "experiments.yaml", "quick", [*TIME_LIMIT[3::2], "epochs=2"])
     seconds: list[float] = []
     fit(trial_configs(experiment)[0], TrialRun(), lambda values, state: seconds.append(values[metrics.EPOCH_SECONDS]), threads=1)
     return max(10, math.ceil(TRAINING_LEFT / seconds[-1]) + 1)  # (the second epoch: the first has the kernels' warm-up)
@@ -108,8 +109,7 @@ def jobs(tmp_path_factory, slurm):
     submitted = {
         "by_hand": (Job(checkout_copy(base / "by-hand"), env), ["--nodes=2", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={BY_HAND_EPOCHS}"]),
         "time_limit": (Job(checkout_copy(base / "time-limit"), env, time_limit_after_requeue="UNLIMITED"),
-                       ["--nodes=2", "--time=15", f"--signal=B:USR1@{SIGNAL_LEAD}", "slurm/sweep.sbatch", *QUICK, "--set", f"epochs={epochs}",
-                        "--set", "adversarial=false", "--set", "log_model=false"]),  # (what this job tests is the time limit)
+                       ["--nodes=2", "--time=15", f"--signal=B:USR1@{SIGNAL_LEAD}", "slurm/sweep.sbatch", *TIME_LIMIT, "--set", f"epochs={epochs}"]),
     }
     for job, args in submitted.values():
         out = subprocess.run(["sbatch", "--parsable", *args], cwd=job.copy, env=env, capture_output=True, text=True, check=True).stdout
