@@ -34,6 +34,7 @@ from training.engine import (
     build_optimizer,
     build_scheduler,
     classification_report,
+    cpu_identity,
     determinism,
     epoch_generator,
     evaluate,
@@ -165,8 +166,8 @@ def fit(cfg: TrialConfig, run: TrialRun, report: Report, state: dict | None = No
     reproducible = determinism(device, cfg, precision)
     if cfg.deterministic and cfg.compile:
         print(f"warning: {reproducible}")
-    run.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch.num_threads": torch.get_num_threads(),
-                  "precision": precision.name, "determinism": reproducible})
+    run.set_tags({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cpu": cpu_identity(),
+                  "torch.num_threads": torch.get_num_threads(), "precision": precision.name, "determinism": reproducible})
 
     # 2. Data on the training device as uint8; batches are normalised and augmented there.
     bundle = load_bundle(dataclasses.asdict(cfg.data), device)

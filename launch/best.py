@@ -98,8 +98,9 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
         raise InputError(f"the logged config of run {best.run_id} no longer validates: {problems}")
     rerun = dataclasses.replace(cfg, **{f.name: getattr(trial, f.name) for f in dataclasses.fields(TrialConfig)}, grid={}, num_samples=1)
     prepare_data(rerun)  # the data the best run was trained on, not the YAML's current data settings
-    if problem := precision_mismatch(best.get("tags.precision"), trial.amp, rerun.resources.gpu):
-        print(f"warning: {problem}", file=sys.stderr)
+    for problem in (precision_mismatch(best.get("tags.precision"), trial.amp, rerun.resources.gpu), cpu_mismatch(best.get("tags.cpu"), rerun.resources.gpu)):
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
     print(f"rerunning {best['tags.mlflow.runName']} ({best.run_id}), selected by {metric} = {best[f'metrics.{metric}']:.4f}")
     code = launch(name, rerun, args, kind="rerun", extra_tags={"rerun_of": best.run_id})
     rerun_filter = f"tags.rerun_of = '{best.run_id}' and tags.`{tracking.KIND_TAG}` = 'rerun'"
@@ -126,3 +127,15 @@ def precision_mismatch(logged: str | None, amp: bool, gpus: float) -> str | None
         return None
     return (f"the best run trained in {logged}; this machine's CPU trains the rerun in {here} "
             f"({'it has no native bf16' if here == 'fp32' else 'it has native bf16'}), so the rerun cannot repeat the run exactly")
+
+
+def cpu_mismatch(logged: str | None, gpus: float) -> str | None:
+    """Why a CPU rerun here may not repeat a run's digits, or None: the run trained on another CPU (its ``cpu`` tag), where
+    torch and oneDNN may pick other kernels and round differently, even in fp32."""
+    from training.engine import cpu_identity
+
+    here = cpu_identity()
+    if not logged or gpus > 0 or logged == here:  # (runs logged before the tag; a GPU rerun computes on its GPU)
+        return None
+    return (f"the best run trained on the CPU {logged!r}, this machine's is {here!r}: their kernels may round differently, "
+            f"so the rerun may not repeat the run exactly (a rerun on the same CPU does)")

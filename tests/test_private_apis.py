@@ -44,9 +44,10 @@ def test_mlflow_system_metrics_monitor_takes_what_a_trial_passes():
 def test_torch_still_reports_the_cpus_bf16_support():
     import torch
 
-    from tracking.private_apis import cpu_native_bf16
+    from tracking.private_apis import cpu_bf16_unit, cpu_native_bf16
 
     assert isinstance(torch.cpu._is_avx512_bf16_supported(), bool) and isinstance(torch.cpu._is_amx_tile_supported(), bool)
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     if flags:  # what Linux says of the CPU agrees with what torch says
         assert cpu_native_bf16() == ("avx512_bf16" in flags or "amx_tile" in flags)
+        assert cpu_bf16_unit() == ("AMX" if "amx_tile" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None)

@@ -280,7 +280,7 @@ def test_determinism_settings_follow_the_config_and_are_stated():
         seed_everything(0, deterministic=True)
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert determinism(torch.device("cpu"), tiny(), FP32).startswith("bitwise deterministic on the same CPU thread count in fp32")
+        assert determinism(torch.device("cpu"), tiny(), FP32).startswith("bitwise deterministic on the same CPU (the cpu tag) and thread count in fp32")
         assert "a CPU with native bf16: one without trains in fp32" in determinism(torch.device("cpu"), tiny(), bf16)
         assert determinism(torch.device("cuda"), tiny(), bf16).startswith("bitwise deterministic on the same GPU model in bf16 autocast")
         assert "Inductor" in determinism(torch.device("cuda"), tiny(compile=True), bf16)
@@ -342,3 +342,33 @@ def test_a_rerun_on_a_cpu_without_native_bf16_says_it_cannot_be_exact(monkeypatc
     monkeypatch.setattr(engine, "cpu_native_bf16", lambda: True)
     assert precision_mismatch("bf16 autocast", True, 0) is None and "in bf16 autocast" in precision_mismatch("fp32", True, 0)
     assert precision_mismatch("fp32", False, 0) is None
+
+
+def test_a_rerun_on_another_cpu_says_its_digits_may_differ(monkeypatch):
+    """Kernels differ by CPU: the same fp32 quick study tested 0.6383 on AMD Zen 4/5 and 0.6461 on an Intel AMX Xeon."""
+    import training.engine as engine
+    from launch.best import cpu_mismatch
+
+    here = engine.cpu_identity()
+    assert cpu_mismatch(here, 0) is None and cpu_mismatch(None, 0) is None
+    other = "AMD EPYC 9B45 (family 26 model 2), torch AVX512, bf16 AVX512-BF16"
+    assert other in cpu_mismatch(other, 0) and here in cpu_mismatch(other, 0) and "may not repeat" in cpu_mismatch(other, 0)
+    assert cpu_mismatch(other, 0.5) is None  # a GPU rerun computes on its GPU
+
+
+def test_the_cpu_identity_names_the_model_and_the_kernels_torch_picks(monkeypatch, tmp_path):
+    import builtins
+
+    import training.engine as engine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC 9R14 96-Core Processor\n\nprocessor\t: 1\nmodel name\t: other\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    monkeypatch.setattr(engine.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(engine, "cpu_bf16_unit", lambda: "AVX512-BF16")
+    assert engine.cpu_identity() == "AMD EPYC 9R14 96-Core Processor (family 25 model 17), torch AVX512, bf16 AVX512-BF16"
+    monkeypatch.setattr(engine, "cpu_bf16_unit", lambda: None)
+    monkeypatch.setattr(engine.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert engine.cpu_identity().endswith("(family 25 model 17), torch AVX2, bf16 emulated")

@@ -8,8 +8,8 @@
 - ``LOCAL_RAY_SYSTEM_CONFIG``: Ray prestarts a worker per CPU for the first driver; a sweep's runtime_env makes its
   trial actors need workers of their own, so those would boot and exit beside them (~2 CPU-s on 2 cores). Only
   ``ray.init``'s private ``_system_config`` turns it off.
-- ``cpu_native_bf16``: whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as torch's own CPU dispatch
-  sees it; torch answers only through ``torch.cpu._is_*_supported`` (``get_cpu_capability`` says AVX512, not BF16).
+- ``cpu_bf16_unit``, ``cpu_native_bf16``: which unit of this CPU computes bf16 natively (AMX or AVX512-BF16), if any,
+  as torch's own CPU dispatch sees it; torch answers only through ``torch.cpu._is_*_supported`` (``get_cpu_capability`` says AVX512, not BF16).
 - ``system_metrics_monitor``, ``finish_system_metrics``: MLflow's public switch (``log_system_metrics=True``) works for
   fluent runs started in the process; a trial logs to a run the driver created, through ``MlflowClient``, so the monitor
   is started directly. Its loop publishes a sample only after a whole sampling interval, and drops the one in hand on
@@ -68,12 +68,19 @@ def system_metrics_monitor(run_id: str, interval: float, resume: bool, tracking_
     return monitor
 
 
-def cpu_native_bf16() -> bool:
-    """Whether torch sees native bf16 on this CPU: AVX512-BF16 (Zen 4, Cooper Lake and later) or AMX tiles (Sapphire
-    Rapids and later). Without either, bf16 autocast is emulated and slower than fp32."""
+def cpu_bf16_unit() -> str | None:
+    """The unit of this CPU that computes bf16 natively as torch sees it: ``AMX`` (tiles: Sapphire Rapids and later),
+    ``AVX512-BF16`` (Zen 4, Cooper Lake and later), or None, where bf16 autocast is emulated and slower than fp32."""
     import torch
 
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else None
+
+
+def cpu_native_bf16() -> bool:
+    """Whether torch sees native bf16 on this CPU (``cpu_bf16_unit``)."""
+    return cpu_bf16_unit() is not None
 
 
 def finish_system_metrics(monitor) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import random
 import time
 from dataclasses import dataclass
@@ -18,12 +19,29 @@ from torch import nn
 from config.settings import ScheduleConfig, TrialConfig
 from data_zoo import Augmenter, DataBundle, Split, iterate_batches
 from tracking import metrics
-from tracking.private_apis import cpu_native_bf16
+from tracking.private_apis import cpu_bf16_unit, cpu_native_bf16
 
 
 def pick_device() -> torch.device:
     """CUDA when available, else CPU (never hard-coded)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_identity() -> str:
+    """This CPU as far as a run's digits depend on it: its model (name, family, model number, from ``/proc/cpuinfo``) and
+    the kernels torch and oneDNN choose on it (torch's vector ISA, the native bf16 unit). CPUs that differ here can
+    round differently, in fp32 too: the quick study's fp32 residual_cnn-none tests 0.6383 on AMD Zen 4 and Zen 5 and
+    0.6461 on an Intel Xeon with AMX, from the same code, data and torch."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block ends
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    model = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields and "model" in fields else ""
+    return f"{name}{model}, torch {torch.backends.cpu.get_cpu_capability()}, bf16 {cpu_bf16_unit() or 'emulated'}"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -44,7 +62,7 @@ def determinism(device: torch.device, cfg: TrialConfig, precision: Precision) ->
     """What a rerun with the same seed can be expected to reproduce, stated for the run's tags and log."""
     if not cfg.deterministic:
         return "not deterministic (deterministic: false): cudnn autotunes its algorithms by timing"
-    where = (f"on the same {'GPU model' if device.type == 'cuda' else 'CPU thread count'} in {precision.name}"
+    where = (f"on the same {'GPU model' if device.type == 'cuda' else 'CPU (the cpu tag) and thread count'} in {precision.name}"
              + (" (a CPU with native bf16: one without trains in fp32, so it cannot repeat this run exactly)"
                 if device.type == "cpu" and precision.dtype is not None else ""))
     if cfg.compile:
