@@ -11,54 +11,33 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from bench.servers import Server, mlflow_servers
 from launch.secret_files import AUTH_CACHE_TTL_S, auth_config, mlflow_login, read_env, write_secret
 
 
 @contextlib.contextmanager
 def auth_servers(folder: Path, cache_ttls: tuple[int, ...]):
-    """One basic-auth MLflow server per login cache TTL, each on a free 127.0.0.1 port with a new login in its own
-    subfolder of ``folder`` and in its own process group, started side by side (a server takes 10-20 s to import
-    MLflow); yields {TTL: (base URL, username, password)}."""
-    servers, logins = [], {}
-    try:
-        for ttl in cache_ttls:
-            sub = folder / f"ttl-{ttl}"
-            sub.mkdir()
-            files = mlflow_login(sub)
-            client = read_env(files["client"])
-            user, password = client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]
-            write_secret(files["auth"], auth_config(files["auth"].parent, password, ttl))
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{sub / 'mlflow.db'}",
-                       "--artifacts-destination", str(sub / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-            env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **read_env(files["server"])}
-            with open(sub / "server.log", "wb") as log:
-                servers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), sub))
-            logins[ttl] = (f"http://127.0.0.1:{port}", user, password)
-        deadline = time.monotonic() + 120
-        for (server, sub), (base, _, _) in zip(servers, logins.values()):
-            while status(base + "/health") is None:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the MLflow server did not start; its log: {sub / 'server.log'}")
-                time.sleep(0.5)
-        yield logins
-    finally:
-        for server, _ in servers:
-            os.killpg(server.pid, signal.SIGTERM)  # the server and its worker
-            server.wait(timeout=30)
+    """One basic-auth MLflow server per login cache TTL, each with a new login in its own subfolder of ``folder``
+    (``bench.servers``: free ports, own process groups, started side by side); yields {TTL: (base URL, username,
+    password)}."""
+    servers, logins = [], []
+    for ttl in cache_ttls:
+        sub = folder / f"ttl-{ttl}"
+        sub.mkdir()
+        files = mlflow_login(sub)
+        client = read_env(files["client"])
+        logins.append((client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]))
+        write_secret(files["auth"], auth_config(files["auth"].parent, logins[-1][1], ttl))
+        servers.append(Server(["server", "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{sub / 'mlflow.db'}",
+                               "--artifacts-destination", str(sub / "artifacts")], read_env(files["server"]), sub / "server.log"))
+    with mlflow_servers(*servers) as bases:
+        yield {ttl: (base, *login) for ttl, base, login in zip(cache_ttls, bases, logins)}
 
 
 def basic_auth(user: str, password: str) -> dict[str, str]:

@@ -141,30 +141,8 @@ def pytest_terminal_summary(terminalreporter):
 def mlflow_service(command: str, uri: str, artifacts: Path | None = None):
     """``mlflow ui`` or ``mlflow server`` on the store ``uri`` (artifacts proxied into ``artifacts`` if given), on a free
     127.0.0.1 port, in its own process group; yields its base URL."""
-    import socket
-    import subprocess
-    import time
-    import urllib.request
+    from bench.servers import Server, mlflow_servers
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
     extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner processes (stresslab runs no MLflow jobs)
-    process = subprocess.Popen([mlflow_bin, command, "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(90):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(1)
+    with mlflow_servers(Server([command, "--backend-store-uri", uri, *extra])) as (base,):
         yield base
-    finally:
-        import signal
-
-        os.killpg(process.pid, signal.SIGTERM)  # the server and its workers
-        process.wait(timeout=30)

@@ -2,6 +2,9 @@
 import re
 import subprocess
 import sys
+import time
+
+import pytest
 
 from tests.conftest import ROOT
 from tracking.private_apis import cpu_native_bf16
@@ -36,3 +39,23 @@ def test_benchmark_prints_every_figure():
                         r"\s+\(a wrong password after it: 401 in \d+ ms\)$", text, re.M)
     assert [label for label, _ in served] == ["no login cache (MLflow's default)", "login cache 3600 s (stresslab's auth.ini)"], text
     assert float(served[0][1]) > 3 * float(served[1][1]), text
+
+
+def test_an_mlflow_server_that_cannot_start_is_named_with_its_log(tmp_path):
+    """bench.servers (the bench's and the tests' MLflow servers): a server that exits is reported with its log, not
+    waited for until the timeout, and the servers started beside it are stopped."""
+    from bench.servers import Server, mlflow_servers
+
+    good = Server(["server", "--backend-store-uri", f"sqlite:///{tmp_path / 'good.db'}"], log=tmp_path / "good.log")
+    bad = Server(["server", "--backend-store-uri", "nosuchscheme://x"], log=tmp_path / "bad.log")
+    seen = []
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"`mlflow server --backend-store-uri nosuchscheme://x` did not start at http://127\.0\.0\.1:\d+; its log: .*bad\.log"):
+        with mlflow_servers(good, bad, timeout_s=300) as bases:
+            seen.extend(bases)
+    assert time.monotonic() - start < 120 and not seen
+    assert "nosuchscheme" in (tmp_path / "bad.log").read_text()
+    import psutil
+
+    left = [proc.pid for proc in psutil.process_iter(["cmdline"]) if any(str(tmp_path) in part for part in proc.info["cmdline"] or [])]
+    assert not left, left  # the good server (and its worker) stopped with the bad one
