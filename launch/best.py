@@ -110,6 +110,9 @@ def rerun_best(name: str, cfg: ExperimentConfig, args: argparse.Namespace, launc
         a, b = best.get(f"metrics.{key}"), new.get(f"metrics.{key}")
         print(f"{key:<26}{a:>12.4f}{b:>12.4f}" if a == a and b == b and a is not None and b is not None else f"{key:<26}{a!s:>12}{b!s:>12}")
     print(f"original run {best.run_id}, rerun {new.run_id}")
+    original_cpu, rerun_cpu = best.get("tags.cpu"), new.get("tags.cpu")
+    if original_cpu and rerun_cpu and best.get("tags.device") == new.get("tags.device") == "cpu":  # (runs logged before the tag have none)
+        print(f"both on the CPU {original_cpu}" if original_cpu == rerun_cpu else f"original on the CPU {original_cpu}\nrerun on the CPU    {rerun_cpu}")
     return code
 
 

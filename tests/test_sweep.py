@@ -90,6 +90,7 @@ def test_rerun_best_reproduces_the_best_validation_run_exactly(finished_sweep, c
     assert "original" in captured.out and "selected by val/acc" in captured.out and best.run_id in captured.out
     assert "test set" not in captured.err and "CPU" not in captured.err  # the same CPU: no warning that the digits may differ
     assert rerun["tags.cpu"].iloc[0] == best["tags.cpu"] and "torch " in best["tags.cpu"] and "bf16 " in best["tags.cpu"]
+    assert f"both on the CPU {best['tags.cpu']}" in captured.out
 
 
 def test_git_commit_tag_is_the_checkout_head(finished_sweep):
