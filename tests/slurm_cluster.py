@@ -11,10 +11,11 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from bench.servers import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "mungekey")
 
@@ -22,12 +23,6 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sin
 def missing() -> list[str]:
     """The Slurm and munge programs this machine lacks (empty where the test cluster can run)."""
     return [d for d in DAEMONS if not shutil.which(d) and not Path("/usr/sbin", d).exists()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_conf(folder: Path, cpus: int) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from launch.data_check import prepare_data
 import sweep
 from analysis.__main__ import main as analysis_main
+from bench.servers import free_port
 from config.schema import resolve
 from tests.conftest import write_cifar, write_experiments
 
@@ -79,14 +79,8 @@ def test_a_truncated_jpeg_and_a_one_class_folder_are_refused_naming_them(tmp_pat
     assert f"{one}/train has 1 class folder(s) (cat): a classifier needs at least two" in err
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once it is closed
-
-
 def test_a_dead_tracking_server_and_a_mistyped_store_are_refused_in_seconds_naming_the_uri(tmp_path, capsys):
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     err = refused(tmp_path, capsys, sweep_argv(tmp_path, uri=dead))
     assert f"the MLflow tracking server {dead} does not answer" in err
     for flag in ("--rerun-best", "--register-best"):

@@ -163,11 +163,9 @@ def launch_with_address(tmp_path, capsys, address: str):
 
 def test_unreachable_ray_cluster_is_refused_at_once_and_leaves_no_running_run(tmp_path, capsys):
     """Nothing listens at the address: exit 2 in seconds (ray.init itself retries such an address for minutes)."""
-    import socket
+    from bench.servers import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"  # free again once closed: nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
     code, err, parent, seconds = launch_with_address(tmp_path, capsys, address)
     assert code == 2 and f"cannot reach a Ray cluster at --address {address}: nothing answers there" in err
     assert seconds < 60 and parent.info.status == "FAILED"
