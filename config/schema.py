@@ -113,6 +113,8 @@ def _locate(key: str, layers: list[tuple[str, dict]]) -> str:
         if prefix == "--set":
             if any(key == k or key.startswith(k + ".") for k in raw):
                 return f"--set {key}"
+            if inside := [k for k in raw if k.startswith(key + ".")]:  # a problem of the whole dict (model) a --set changed
+                return ", ".join(f"--set {k}" for k in inside)
             continue
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None

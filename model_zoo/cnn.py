@@ -13,7 +13,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from model_zoo.registry import register_model
+from model_zoo.registry import register_model, require_positive_ints
+
+
+IMAGE_SIZE = 32  # CIFAR; every data set of data_zoo is decoded to 32x32
+MAX_STAGES = IMAGE_SIZE.bit_length()  # 6: five max-pools take 32x32 to 1x1
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -53,6 +57,10 @@ class StagedCNN(nn.Module):
         attention: type[nn.Module] | None = None,
     ):
         super().__init__()
+        require_positive_ints(blocks_per_stage=blocks_per_stage, lists={"widths": widths})
+        if len(widths) > MAX_STAGES:
+            raise ValueError(f"widths has {len(widths)} stages, at most {MAX_STAGES}: the max-pool between two stages halves "
+                             f"the image, and a {IMAGE_SIZE}x{IMAGE_SIZE} image is one pixel after {MAX_STAGES - 1}")
         self.stem = nn.Sequential(conv_bn(3, widths[0]), nn.ReLU(inplace=True))
         stages, cin = [], widths[0]
         for i, width in enumerate(widths):
@@ -72,15 +80,16 @@ class StagedCNN(nn.Module):
 
 
 PAPER_VGG = "Simonyan & Zisserman, ICLR 2015"
+LAST_STAGE = "stages"  # the Grad-CAM target: its output is the last stage's, for any number of widths
 
 
-@register_model(gradcam_layer="stages.2", paper=PAPER_VGG)
+@register_model(gradcam_layer=LAST_STAGE, paper=PAPER_VGG)
 def plain_cnn(num_classes: int, **kwargs) -> nn.Module:
     """VGG-style plain CNN (the seeds' baseline)."""
     return StagedCNN(num_classes, residual=False, **kwargs)
 
 
-@register_model(gradcam_layer="stages.2", paper="He et al., CVPR 2016")
+@register_model(gradcam_layer=LAST_STAGE, paper="He et al., CVPR 2016")
 def residual_cnn(num_classes: int, **kwargs) -> nn.Module:
     """``plain_cnn`` with residual connections added and nothing else changed (seed 003)."""
     return StagedCNN(num_classes, residual=True, **kwargs)

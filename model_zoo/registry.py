@@ -37,6 +37,20 @@ def register_model(gradcam_layer: str, paper: str) -> Callable:
     return wrap
 
 
+def require_positive_ints(*, lists: dict | None = None, **values) -> None:
+    """Raise ValueError naming every architecture hyperparameter in ``values`` that is not a positive integer and every
+    one in ``lists`` (``widths``) that is not a non-empty list of them: a width or an SE reduction of 0 must fail when
+    the experiment file is read, not inside a trial."""
+    def ok(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    bad = [f"{key} must be a positive integer, got {v!r}" for key, v in values.items() if not ok(v)]
+    bad += [f"{key} must be a non-empty list of positive integers, got {v!r}" for key, v in (lists or {}).items()
+            if not (isinstance(v, list | tuple) and len(v) > 0 and all(ok(x) for x in v))]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
 def list_models() -> list[str]:
     """Sorted names of every registered model."""
     return sorted(_REGISTRY)

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from model_zoo.registry import register_model
+from model_zoo.registry import register_model, require_positive_ints
 
 
 class BasicBlock(nn.Module):
@@ -64,4 +64,5 @@ class ResNet(nn.Module):
 @register_model(gradcam_layer="layer4", paper="He et al., CVPR 2016")
 def resnet18(num_classes: int, width: int = 64) -> nn.Module:
     """ResNet-18 for 32x32 inputs (layer4 is 4x4; choose layer3 for 8x8 Grad-CAM maps)."""
+    require_positive_ints(width=width)
     return ResNet([2, 2, 2, 2], num_classes, width)

@@ -10,8 +10,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from model_zoo.cnn import StagedCNN
-from model_zoo.registry import register_model
+from model_zoo.cnn import LAST_STAGE, StagedCNN
+from model_zoo.registry import register_model, require_positive_ints
 
 
 class SqueezeExcite(nn.Module):
@@ -29,7 +29,8 @@ class SqueezeExcite(nn.Module):
         return x * weights[:, :, None, None]
 
 
-@register_model(gradcam_layer="stages.2", paper="Hu et al., CVPR 2018")
+@register_model(gradcam_layer=LAST_STAGE, paper="Hu et al., CVPR 2018")
 def se_cnn(num_classes: int, reduction: int = 16, **kwargs) -> nn.Module:
     """``plain_cnn`` with Squeeze-and-Excitation in every block (seed 004)."""
+    require_positive_ints(reduction=reduction)
     return StagedCNN(num_classes, residual=False, attention=partial(SqueezeExcite, reduction=reduction), **kwargs)

@@ -1,4 +1,7 @@
 """Every registered model runs; the constrained variants differ only where they should."""
+import re
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -65,3 +68,42 @@ def test_width_knob_changes_the_model():
     narrow = model_zoo.create_model("plain_cnn", 10, widths=[8, 16, 32])
     assert narrow(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert n_params(narrow) < n_params(model_zoo.create_model("plain_cnn", 10))
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("plain_cnn", {"widths": []}, "widths must be a non-empty list of positive integers, got []"),
+    ("residual_cnn", {"widths": [16, 0, 64]}, "widths must be a non-empty list of positive integers, got [16, 0, 64]"),
+    ("plain_cnn", {"widths": 16}, "widths must be a non-empty list of positive integers, got 16"),
+    ("plain_cnn", {"widths": [16.5, 32]}, "widths must be a non-empty list of positive integers, got [16.5, 32]"),
+    ("plain_cnn", {"blocks_per_stage": 0}, "blocks_per_stage must be a positive integer, got 0"),
+    ("se_cnn", {"widths": [8] * 7}, "widths has 7 stages, at most 6: the max-pool between two stages halves the image"),
+    ("se_cnn", {"reduction": 0}, "reduction must be a positive integer, got 0"),
+    ("resnet18", {"width": True}, "width must be a positive integer, got True"),
+])
+def test_architecture_settings_that_cannot_build_a_network_are_named(name, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model_zoo.create_model(name, 10, **kwargs)
+
+
+@pytest.mark.parametrize("widths", [[8, 8], [8, 8, 8, 8], [8] * 6])  # 6: the most stages, a 1x1 map
+@pytest.mark.parametrize("name", ["plain_cnn", "residual_cnn", "se_cnn"])
+def test_grad_cam_explains_the_last_stage_whatever_the_number_of_widths(name, widths):
+    model = model_zoo.create_model(name, 10, widths=widths).eval()
+    seen = []
+    model_zoo.gradcam_target(model, name).register_forward_hook(lambda m, i, out: seen.append(out))
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    side = 32 // 2 ** (len(widths) - 1)  # a max-pool between stages
+    assert seen[0].shape == (2, 8, side, side)
+    assert torch.equal(model.head(seen[0].mean(dim=(2, 3))), logits)  # what the head pools into the logits
+
+
+def test_the_last_stage_target_gives_the_cams_of_the_third_stage_at_the_default_widths():
+    from analysis.gradcam import compute_cams
+
+    torch.manual_seed(0)
+    model = model_zoo.create_model("se_cnn", 10).eval()
+    x, classes = torch.randn(4, 3, 32, 32), [3, 1, 4, 1]
+    cams = compute_cams(model, model_zoo.gradcam_target(model, "se_cnn"), x, classes)
+    assert cams.shape == (4, 32, 32) and cams.max() > 0
+    np.testing.assert_array_equal(cams, compute_cams(model, model.stages[2], x, classes))
