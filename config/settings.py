@@ -19,6 +19,14 @@ TUNE_SCHEDULERS = ("none", "asha")
 MODES = ("max", "min")
 
 
+SEED_MAX = 2**32 - 1  # NumPy's seed range; derived seeds (per epoch, per subset) stay within torch's 64 bits
+
+
+def seed_problems(key: str, seed: int) -> list[tuple[str, str]]:
+    """A seed outside [0, 2**32 - 1] would fail inside the trial (NumPy refuses it), so it is refused with the file."""
+    return [] if 0 <= seed <= SEED_MAX else [(key, f"must be in [0, {SEED_MAX}], got {seed}")]
+
+
 @dataclass
 class DataConfig:
     """Which images, where they live, how they are split."""
@@ -43,7 +51,7 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 out.append((key, f"must be >= 1, got {value}"))
-        return out
+        return out + seed_problems("split_seed", self.split_seed)
 
 
 @dataclass
@@ -145,6 +153,7 @@ class TrialConfig:
         for key in ("epochs", "batch_size", "eval_batch_size", "robustness_images", "adversarial_images"):
             if getattr(self, key) < 1:
                 out.append((key, f"must be >= 1, got {getattr(self, key)}"))
+        out += seed_problems("seed", self.seed)
         if not 0 <= self.label_smoothing < 1:
             out.append(("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"))
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -235,6 +244,9 @@ class ExperimentConfig(TrialConfig):
         known = metrics.EPOCH_METRICS + metrics.FINAL_METRICS
         if self.metric not in known:
             out.append(("metric", f"unknown metric {self.metric!r}; known: {', '.join(known)}"))
+        if self.metric.startswith("val/") and self.data.val_fraction == 0:
+            out.append(("metric", f"{self.metric} needs a validation split (data.val_fraction > 0): the trials are compared on it; "
+                                  "or select on test/acc (--set metric=test/acc)"))
         if self.scheduler.name == "asha" and self.scheduler.grace_period > self.epochs:
             out.append(("scheduler.grace_period", f"asha's grace_period ({self.scheduler.grace_period}) must be <= epochs ({self.epochs}): "
                                                   f"no trial could be compared before it ends"))

@@ -46,6 +46,17 @@ def test_same_seed_twice_gives_identical_metrics_and_another_seed_does_not():
     assert c[metrics.TRAIN_LOSS] != a[metrics.TRAIN_LOSS]
 
 
+def test_the_largest_seeds_the_experiment_file_accepts_train_a_trial():
+    from config.settings import SEED_MAX
+
+    cfg = tiny(epochs=2, seed=SEED_MAX, data={**TINY["data"], "split_seed": SEED_MAX})
+    result = fit(cfg, TrialRun(), Recorder())
+    assert result[metrics.EPOCH] == 2 and math.isfinite(result[metrics.TRAIN_LOSS]) and 0 <= result[metrics.TEST_ACC] <= 1
+    problems = []
+    build(TrialConfig, {"seed": SEED_MAX + 1, "data": {"split_seed": -1}}, "", problems)
+    assert problems == [("data.split_seed", f"must be in [0, {SEED_MAX}], got -1"), ("seed", f"must be in [0, {SEED_MAX}], got {SEED_MAX + 1}")]
+
+
 def test_stopped_and_resumed_trial_ends_exactly_like_an_uninterrupted_one():
     cfg = tiny(augment="cropflip", epochs=3)
     full = Recorder()
