@@ -8,7 +8,7 @@ from pathlib import Path
 import tracking
 from analysis import GALLERY_CLASSES, ROAD_IMAGES
 from config.errors import InputError
-from stress.corruptions.published import PublishedArraysError
+from stress.corruptions.published import PublishedArraysError, check_labels
 from config.settings import TrialConfig
 from tracking import metrics
 
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default reports/<experiment>)")
     p.add_argument("--layer", help="Grad-CAM target layer by module path, for every architecture (layer3) or per architecture "
                                    "(resnet18=layer3,plain_cnn=stages.1); default: each model's registered layer")
-    p.add_argument("--classes", default=",".join(GALLERY_CLASSES), help="classes of the Grad-CAM gallery (default: %(default)s)")
+    p.add_argument("--classes", help=f"classes of the Grad-CAM gallery, comma-separated (default: {','.join(GALLERY_CLASSES)} where the "
+                                      "data set has them, else its first five)")
     p.add_argument("--max-cams", type=int, default=200, help="failures per run explained with Grad-CAM (default 200)")
     p.add_argument("--corruption-images", type=int, help="class-balanced test images for the corruption stress test (0: skip). Default: the "
                                                           "trials' own test where every run ran it (robustness: true), read from its logs; "
@@ -65,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--workers must be at least 1, got {args.workers}")
     if not 0 < args.threshold < 1:
         p.error(f"--threshold must be in (0, 1), got {args.threshold}")
+    for flag in ("max_cams", "corruption_images", "road_images", "adversarial_images", "pgd_steps"):
+        if (value := getattr(args, flag)) is not None and value < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0 (0: none), got {value}")
+    if args.pgd_step_size is not None and not 0 < args.pgd_step_size <= 1:
+        p.error(f"--pgd-step-size must be in (0, 1] (a fraction of epsilon), got {args.pgd_step_size}")
+    gallery = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes is not None else None
+    if gallery == ():
+        p.error(f"--classes names no class: {args.classes!r}")
     out = args.out or f"reports/{args.experiment}"
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -76,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_store(uri, creating=False)
+        if args.corruption_data:  # named here: it must be there (the trials' own folder may be absent where their logs are reused)
+            check_labels(args.corruption_data)
         from analysis.pipeline import run_analysis  # (torch, grad-cam, matplotlib: not for --help or a refused flag)
 
         run_analysis(args.experiment, uri, out, args.threshold,
-                     args.baseline, args.variant, args.layer, tuple(c for c in args.classes.split(",") if c), args.max_cams, args.sweep, not args.no_log,
+                     args.baseline, args.variant, args.layer, gallery, args.max_cams, args.sweep, not args.no_log,
                      args.corruption_images, args.road_images, args.workers, args.adversarial_images, args.pgd_steps, args.pgd_step_size,
                      args.allow_data_mismatch, args.corruption_data, args.cache_dir)
     except (InputError, PublishedArraysError) as err:

@@ -25,12 +25,23 @@ def parse_selector(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def check_selectors(runs: list[RunRecord], baseline: tuple[str, str], variant: tuple[str, str]) -> None:
+    """Before any work: both selectors name the same logged param, and each selects at least one run."""
+    if variant[0] != baseline[0]:
+        raise InputError(f"--baseline and --variant must select the same setting, got {baseline[0]!r} and {variant[0]!r}")
+    key = baseline[0]
+    values = sorted({r.params[key] for r in runs if key in r.params})
+    if not values:
+        params = sorted({k for r in runs for k in r.params})
+        raise InputError(f"no run logs a param {key!r}; the params are: {', '.join(params)}")
+    for flag, (_, value) in (("--baseline", baseline), ("--variant", variant)):
+        if value not in values:
+            raise InputError(f"{flag} {key}={value}: no run has it; {key} takes {', '.join(values)} in this sweep")
+
+
 def pair_runs(runs: list[RunRecord], baseline: tuple[str, str], variant: tuple[str, str]) -> list[tuple[RunRecord, RunRecord]]:
     """(baseline, variant) runs that differ only in the selector's setting (so same seed, same everything else)."""
     key = baseline[0]
-    if variant[0] != key:
-        raise InputError(f"--baseline and --variant must select the same setting, got {baseline[0]!r} and {variant[0]!r}")
-
     base = {identity(r, key): r for r in runs if r.params.get(key) == baseline[1]}
     pairs = [(base[identity(r, key)], r) for r in runs if r.params.get(key) == variant[1] and identity(r, key) in base]
     return sorted(pairs, key=lambda p: p[0].name)

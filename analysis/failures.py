@@ -226,6 +226,7 @@ def analyse_run(run: RunRecord, images: ImageCache, out: Path, settings: RunSett
     road_titles = [t + (f"\nROAD {f['road_score']:+.2f}" if "road_score" in f else "") for t, f in zip(titles, found)]
     if found:
         result.figures["failures"] = photos.image_grid(x[[f["position"] for f in found[:SHOWN]]], titles, folder / "failures_grid.webp")
+    if shown:  # none with --max-cams 0
         result.figures["gradcam"] = photos.cam_figure(x[pos[:shown]], {"Grad-CAM: predicted": cams_pred[:shown], "Grad-CAM: true class": cams_true[:shown]},
                                                        road_titles[:shown], folder / "gradcam_failures.webp")
     confusion = np.bincount(pred.labels * len(pred.classes) + pred.preds, minlength=len(pred.classes) ** 2).reshape(len(pred.classes), -1)

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis import gradcam, photos
+from analysis import GALLERY_CLASSES, gradcam, photos
 from analysis.runs import ImageCache, RunRecord, load_model
+from config.errors import InputError
 from data_zoo.loader import normalise
 from tracking import metrics, plots
 
@@ -30,12 +31,22 @@ def sweep_figures(analyses: list[RunAnalysis], out: Path) -> dict[str, Path]:
     return figures
 
 
-def class_gallery(run: RunRecord, images: ImageCache, out: Path, layers: dict[str, str], wanted: tuple[str, ...], per_class: int = 4) -> Path | None:
+def gallery_classes(run: RunRecord, wanted: tuple[str, ...] | None) -> list[str]:
+    """The gallery's classes: ``wanted`` (each must be a class of the data set: InputError naming the known ones), or
+    seed 004's where the data set has them (CIFAR-10), else its first five."""
+    classes = run.predictions.classes
+    if wanted is None:
+        return [c for c in GALLERY_CLASSES if c in classes] or classes[:5]
+    if unknown := [c for c in wanted if c not in classes]:
+        raise InputError(f"--classes: {', '.join(map(repr, unknown))} not a class of this data set; its classes: {', '.join(classes)}")
+    return list(wanted)
+
+
+def class_gallery(run: RunRecord, images: ImageCache, out: Path, layers: dict[str, str], chosen: list[str], per_class: int = 4) -> Path | None:
     """Grad-CAM of the predicted class for the first test images of each chosen class."""
     from model_zoo import gradcam_target
 
     pred = run.predictions
-    chosen = [c for c in wanted if c in pred.classes] or pred.classes[:5]
     x, mean, std = images.get(run)
     pos = np.concatenate([np.flatnonzero(pred.labels == pred.classes.index(c))[:per_class] for c in chosen])
     model = load_model(run)

@@ -15,7 +15,7 @@ from pathlib import Path
 from analysis import attacks, calibration, compare, gradcam, label_issues, log, logged, persistent, report, robustness
 from analysis import figures as overview
 from analysis import workers as workers_pool
-from analysis import GALLERY_CLASSES, ROAD_IMAGES
+from analysis import ROAD_IMAGES
 from analysis.failures import RunSettings
 from analysis.artifacts import ArtifactReader
 from analysis.runs import ImageCache, find_runs
@@ -23,7 +23,7 @@ from tracking import metrics
 
 
 def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = metrics.CONFIDENCE_THRESHOLD, baseline: str | None = None, variant: str | None = None,
-                 layer: str | None = None, gallery: tuple[str, ...] = GALLERY_CLASSES, max_cams: int = 200, sweep: str = "latest",
+                 layer: str | None = None, gallery: tuple[str, ...] | None = None, max_cams: int = 200, sweep: str = "latest",
                  log_to_mlflow: bool = True, corruption_images: int | None = None, road_images: int = ROAD_IMAGES, workers: int | None = None,
                  adversarial_images: int | None = None, pgd_steps: int | None = None, pgd_step_size: float | None = None,
                  allow_data_mismatch: bool = False, corruption_data: str | None = None, cache_dir: str | None = None) -> Path:
@@ -34,7 +34,11 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     out.mkdir(parents=True, exist_ok=True)
     reader = ArtifactReader(uri, cache_dir)  # a local store is read in place; a server's artifacts through the user cache
     runs = find_runs(experiment, uri, sweep=sweep, log=log, reader=reader)
-    layers = gradcam.resolve_layers(layer, runs)
+    layers = gradcam.resolve_layers(layer, runs)  # every choice is checked against the runs before any work
+    wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else compare.infer_comparisons(runs)
+    if baseline and variant:
+        compare.check_selectors(runs, *wanted[0])
+    gallery_classes = overview.gallery_classes(runs[0], gallery)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
     images.check(runs, allow_data_mismatch)
@@ -45,9 +49,8 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     analyses = workers_pool.analyse_runs(runs, images, out, settings, workers)
     extra["adversarial"] = attacks.adversarial_summary(analyses, out)
     figures = overview.sweep_figures(analyses, out)
-    figures["gallery"] = overview.class_gallery(runs[0], images, out, layers, gallery)
+    figures["gallery"] = overview.class_gallery(runs[0], images, out, layers, gallery_classes)
     extra |= {"calibration": calibration.calibration_step(runs, out, threshold), "persistent": persistent.persistent_step(runs, images, out, threshold, flagged)}
-    wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else compare.infer_comparisons(runs)
     extra["robustness"] = robustness.robustness_step(runs, images, out, corruption_images, wanted[0][0] if wanted else None,
                                                      folder=corruption_data)
     comparisons = [c for b, v in wanted if (c := compare.compare_runs(runs, b, v, images, out, threshold, layers))]

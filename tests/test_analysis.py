@@ -340,6 +340,20 @@ def test_runs_analysed_in_worker_processes_give_what_one_process_gives(analysed,
         assert (tmp_path / "runs" / a.run.name / "failures.json").is_file() and a.road["images"] == 4
 
 
+def test_max_cams_0_lists_the_failures_and_explains_none(finished_sweep, tmp_path):
+    from analysis.failures import RunSettings
+    from analysis.runs import ImageCache
+    from analysis.workers import analyse_runs
+
+    runs = [r for r in find_runs("tiny", finished_sweep["uri"]) if r.config["arch"] == "residual_cnn"]  # the plain ones have no failure above 0.2
+    analyses = analyse_runs(runs, ImageCache(), tmp_path, RunSettings(0.2, {}, max_cams=0, road_images=0, adversarial_images=0), workers=1)
+    for a in analyses:
+        folder = tmp_path / "runs" / a.run.name
+        assert len(a.failures) == json.loads((folder / "failures.json").read_text())["count"] > 0
+        assert (folder / "failures_grid.webp").is_file() and not (folder / "gradcam_failures.webp").exists()
+        assert "gradcam" not in a.figures and a.road == {}
+
+
 def test_comparison_pairs_runs_by_seed(analysed):
     out, _ = analysed
     data = json.loads((out / "compare" / "plain_cnn_vs_residual_cnn" / "comparison.json").read_text())

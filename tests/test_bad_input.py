@@ -54,10 +54,27 @@ def test_the_analysis_answers_help_and_refuses_a_bad_flag_before_loading_torch_g
 
     probe = ("import sys\nfrom analysis.__main__ import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
              "print('exit', code, 'loaded', sorted(m for m in ('torch', 'matplotlib', 'pytorch_grad_cam') if m in sys.modules))")
-    for argv, code in ((["--help"], 0), (["--experiment", "x", "--baseline", "augment=none"], 2), (["--experiment", "x", "--threshold", "1.5"], 2)):
+    for argv, code in ((["--help"], 0), (["--experiment", "x", "--baseline", "augment=none"], 2), (["--experiment", "x", "--threshold", "1.5"], 2),
+                       (["--experiment", "x", "--max-cams", "-1"], 2), (["--experiment", "x", "--pgd-step-size", "0"], 2),
+                       (["--experiment", "x", "--classes", ","], 2)):
         out = subprocess.run([sys.executable, "-c", probe, *argv], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
         assert out.stdout.strip().endswith(f"exit {code} loaded []"), out.stdout[-500:] + out.stderr[-2000:]
         assert code == 0 or "error: --" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--baseline", "arch=plain_cnn", "--variant", "arch=vgg"], "--variant arch=vgg: no run has it; arch takes plain_cnn, residual_cnn in this sweep"),
+    (["--baseline", "archh=plain_cnn", "--variant", "archh=residual_cnn"], "no run logs a param 'archh'; the params are: adversarial,"),
+    (["--baseline", "arch=plain_cnn", "--variant", "seed=2"], "--baseline and --variant must select the same setting, got 'arch' and 'seed'"),
+    (["--classes", "class1,cat"], "--classes: 'cat' not a class of this data set; its classes: class0, class1,"),
+    (["--corruption-data", "{tmp}/no-such-folder"], "{tmp}/no-such-folder: no such folder"),
+])
+def test_analysis_choices_that_match_nothing_are_refused_before_any_run_is_analysed(finished_sweep, tmp_path, capsys, flags, message):
+    out = tmp_path / "report"
+    argv = ["--experiment", "tiny", "--tracking-uri", finished_sweep["uri"], "--out", str(out), "--no-log"]
+    err = refused(tmp_path, capsys, argv + [f.format(tmp=tmp_path) for f in flags], main=analysis_main)
+    assert message.format(tmp=tmp_path) in err
+    assert not (out / "runs").exists() and not (out / "label_issues.json").exists()  # nothing analysed
 
 
 def test_a_subset_below_the_number_of_classes_is_refused_with_the_setting_that_works(tmp_path, capsys):

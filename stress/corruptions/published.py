@@ -52,6 +52,11 @@ def _labels(folder: Path) -> np.ndarray:
     return np.asarray(labels)
 
 
+def check_labels(folder: str | Path) -> None:
+    """Before any work: the folder is there and holds a well-formed labels.npy (PublishedArraysError otherwise)."""
+    _labels(Path(folder))
+
+
 def check_folder(folder: str | Path, test_labels: np.ndarray, image_shape: tuple[int, int]) -> list[str]:
     """The corruptions the folder holds, after checking every file against the whole test set (``test_labels`` in
     the official order, images ``image_shape`` = (H, W)); raises PublishedArraysError naming the first bad file."""
