@@ -40,13 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="experiments.yaml", help="experiment file (default: experiments.yaml)")
     p.add_argument("--experiment", help="experiment name (default: the file's default_experiment)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting by dotted path, e.g. --set epochs=2 (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the trial table; start nothing")
-    p.add_argument("--resume", action="store_true", help="continue the latest interrupted launch of this experiment")
+    action = p.add_mutually_exclusive_group()  # one thing per call: a dry run, a resume, a rerun or a registration
+    action.add_argument("--dry-run", action="store_true", help="validate and print the trial table; start nothing")
+    action.add_argument("--resume", action="store_true", help="continue the latest interrupted launch of this experiment")
     p.add_argument("--resume-if-interrupted", action="store_true",
                    help="what a requeued batch job runs (slurm/sweep.sbatch, with a --storage per job): resume this experiment's latest sweep "
                         "under --storage if it was interrupted, exit 0 if it finished, start one if there is none")
-    p.add_argument("--rerun-best", action="store_true", help="rerun the best finished trial of the experiment with exactly its config")
-    p.add_argument("--register-best", metavar="NAME", help="register the best finished run's model in the MLflow Model Registry as NAME")
+    action.add_argument("--rerun-best", action="store_true", help="rerun the best finished trial of the experiment with exactly its config")
+    action.add_argument("--register-best", metavar="NAME", help="register the best finished run's model in the MLflow Model Registry as NAME")
     p.add_argument("--alias", default="champion", help="alias --register-best sets on the new version (default: %(default)s; it moves from any older version)")
     p.add_argument("--metric", help="metric that picks the best run for --rerun-best/--register-best (default: the experiment's own metric, "
                                     "val/acc; a test/... metric selects on the test set and prints a warning)")
@@ -55,7 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=str(RESULTS_DIR), help=f"Ray results folder; shared storage on a cluster (default: {RESULTS_DIR})")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output (trial tables, worker logs) instead of sending it to "
                                                           "<storage>/<sweep id>/launch.log")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.register_best is not None and (problems := best.registry_problems(args.register_best, args.alias)):
+        p.error("; ".join(problems))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(args, err)
     try:
         check_writable(args)
-        if args.register_best:
+        if args.register_best is not None:
             return best.register_best(name, cfg, args)
         if args.resume_if_interrupted and not args.resume:
             latest = (records.sweeps(args.storage, name) or [None])[-1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,17 @@ from config.settings import ExperimentConfig
 from config.yaml12 import load_yaml
 from launch.data_check import prepare_data
 from tracking import EPOCHS_TAG, STOPPED_BY_TAG, metrics
+
+
+def registry_problems(model: str, alias: str) -> list[str]:
+    """What MLflow 3's Model Registry would refuse in ``--register-best NAME --alias ALIAS``, found before anything is
+    registered (MLflow checks the alias only after it has created the version, so a bad alias left a version without it)."""
+    out = []
+    if not model.strip() or "/" in model or ":" in model or model == "." or model.startswith(".."):  # MLflow: no path-like name
+        out.append(f"--register-best {model!r}: a registered model name must be non-empty, without '/' or ':', and not a relative path (.. or .)")
+    if not re.fullmatch(r"[\w\-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        out.append(f"--alias {alias!r}: an alias is 1-255 letters, digits, '_' or '-', and neither 'latest' nor a version (v1)")
+    return out
 
 
 def best_run(uri: str, name: str, metric: str, mode: str):

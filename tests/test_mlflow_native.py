@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from launch import best
 from tracking import metrics
 import sweep
 import tracking
@@ -51,6 +52,35 @@ def test_every_trial_logs_one_mlflow_3_logged_model(finished_sweep):
     assert all(m.name == "model" and str(m.status) == "READY" for m in models), [(m.name, m.status) for m in models]
     run = client.get_run(trials.run_id.iloc[0])
     assert [o.model_id for o in run.outputs.model_outputs] == [m.model_id for m in models if m.source_run_id == run.info.run_id]
+
+
+BAD_NAMES = ["", " ", "team/model", "models:best", ".", "..x"]
+BAD_ALIASES = ["", "best model", "latest", "LATEST", "v3", "champion!", "a" * 256]
+
+
+def test_names_and_aliases_the_registry_refuses_are_refused_before_anything_is_registered(finished_sweep, tmp_path, capsys):
+    client = mlflow.MlflowClient(finished_sweep["uri"])
+    before = [m.name for m in client.search_registered_models()]
+    for name, alias in [(n, "champion") for n in BAD_NAMES] + [("tiny-ok", a) for a in BAD_ALIASES]:
+        with pytest.raises(SystemExit) as exit_:
+            sweep.main(finished_sweep["argv"] + ["--register-best", name, "--alias", alias])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and (f"--register-best {name!r}" in err if alias == "champion" else f"--alias {alias!r}" in err), err
+    assert [m.name for m in client.search_registered_models()] == before  # not even a version without its alias
+    reference = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # MLflow's own registry refuses every one of them
+    for name in BAD_NAMES:
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            reference.create_registered_model(name)
+    reference.create_registered_model("tiny-ok")
+    version = reference.create_model_version("tiny-ok", source=str(tmp_path))
+    for alias in BAD_ALIASES:
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            reference.set_registered_model_alias("tiny-ok", alias, version.version)
+    reference.set_registered_model_alias("tiny-ok", "champion-2_b", version.version)  # and takes what stresslab lets through
+    assert best.registry_problems("tiny-ok", "champion-2_b") == []
+    with pytest.raises(SystemExit):
+        sweep.main(finished_sweep["argv"] + ["--rerun-best", "--register-best", "tiny-ok"])
+    assert "not allowed with argument --rerun-best" in capsys.readouterr().err
 
 
 def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys, monkeypatch):
