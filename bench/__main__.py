@@ -277,7 +277,8 @@ def sweep_seconds(trial: dict, trials: int, address: str | None = None) -> tuple
     import sweep
 
     with tempfile.TemporaryDirectory() as tmp:
-        experiment = {"defaults": trial, "experiments": {"bench": {"resources": {"cpu": 1}, "max_failures": 0, "grid": {"seed": list(range(trials))}}}}
+        experiment = {"defaults": trial, "experiments": {"bench": {"resources": {"cpu": 1}, "max_failures": 0, "grid": {"seed": list(range(trials))},
+                                                                "metric": "train/loss", "mode": "min"}}}  # no validation split to select on
         (Path(tmp) / "e.yaml").write_text(yaml.safe_dump(experiment))
         uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
         start, wall_start = time.perf_counter(), time.time()
