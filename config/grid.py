@@ -7,6 +7,8 @@ import itertools
 import math
 from typing import Any
 
+import yaml
+
 from config.errors import ConfigError
 from config.yaml12 import load_yaml
 
@@ -44,7 +46,10 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError([f"--set {pair!r}: expected KEY=VALUE, e.g. --set epochs=2"])
-        out[key.strip()] = load_yaml(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = load_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as err:  # '[1', or a mapping with a key twice
+            raise ConfigError([f"--set {key.strip()}: {raw!r} is not valid YAML ({getattr(err, 'problem', None) or err})"]) from None
     return out
 
 
@@ -55,16 +60,20 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def grid_candidates(key: str, spec: Any, where: str, problems: list[tuple[str, str]]) -> list[tuple[str, Any]]:
-    """(path, value) pairs to validate for one grid entry: every listed value, or a range's bounds."""
+def grid_candidates(key: str, spec: Any, where: str, problems: list[tuple[str, str]], grid: bool = True) -> list[tuple[str, Any]]:
+    """(path, value) pairs to validate for one grid entry: every listed value, or a range's bounds. A value listed twice
+    in a grid (not a ``choice``, where a repeat weighs the draw) would only train the same trials again."""
     if isinstance(spec, list):
         if not spec:
             problems.append((where, "an empty list: give at least one value"))
+        for i, v in enumerate(spec):
+            if grid and v in spec[:i]:
+                problems.append((f"{where}[{i}]", f"{v!r} is listed twice (also at [{spec.index(v)}]): each grid point would run twice"))
         return [(f"{where}[{i}]", v) for i, v in enumerate(spec)]
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS:
         kind, args = next(iter(spec.items()))
         if kind == "choice":
-            return grid_candidates(key, args, f"{where}.choice", problems)
+            return grid_candidates(key, args, f"{where}.choice", problems, grid=False)
         if not (isinstance(args, list) and len(args) == 2 and all(_number(a) for a in args) and args[0] < args[1]):
             problems.append((f"{where}.{kind}", f"expected [low, high] numbers with low < high, got {args!r}"))
             return []

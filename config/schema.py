@@ -120,7 +120,8 @@ def _locate(key: str, layers: list[tuple[str, dict]]) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
             return f"{prefix}.{key}" if prefix else key
-    return f"{layers[-1][0]}.{key}" if layers[-1][0] != "--set" else f"--set {key}"
+    named = [prefix for prefix, _ in layers if prefix != "--set"]  # a default of the schema: the experiment it applies to
+    return f"{named[-1]}.{key}" if named and named[-1] else key
 
 
 def validate_experiment(merged: dict, layers: list[tuple[str, dict]], grid_where: str) -> tuple[ExperimentConfig, list[str]]:

@@ -10,7 +10,20 @@ import yaml
 class Yaml12Loader(yaml.SafeLoader):
     """``safe_load`` with YAML 1.2's core schema for scalars: ``1e-3``, ``5e-4`` and ``.5`` are floats (YAML 1.1,
     PyYAML's default, reads the first two as strings), ``017`` is 17, and only true/false are booleans
-    (``no``, ``off``, ``yes``, ``on`` stay strings; ``12:30`` is not a base-60 number)."""
+    (``no``, ``off``, ``yes``, ``on`` stay strings; ``12:30`` is not a base-60 number). A key twice in one mapping is
+    an error, as YAML 1.2 says, rather than PyYAML's silent "the last one wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in lines:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first on line {lines[key] + 1})", key_node.start_mark)
+                lines[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: the base constructor names it
+                continue
+        return super().construct_mapping(node, deep)
 
 
 Yaml12Loader.yaml_implicit_resolvers = {

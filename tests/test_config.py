@@ -61,6 +61,11 @@ MISTAKES = [
     ({}, ["seed=-1"], "--set seed: must be in [0, 4294967295], got -1"),
     ({"data": {"split_seed": 2**32}}, [], "experiments.bad.data.split_seed: must be in [0, 4294967295], got 4294967296"),
     ({"data": {"val_fraction": 0}}, [], "metric: val/acc needs a validation split (data.val_fraction > 0): the trials are compared on it"),
+    ({}, ["epochs=[1"], "--set epochs: '[1' is not valid YAML (expected ',' or ']', but got '<stream end>')"),
+    ({}, ["model={widths: [8], widths: [4]}"], "--set model: '{widths: [8], widths: [4]}' is not valid YAML (duplicate key 'widths' (first on line 1))"),
+    ({"grid": {"seed": [1, 2, 1]}}, [], "experiments.bad.grid.seed[2]: 1 is listed twice (also at [0]): each grid point would run twice"),
+    ({"grid": {"model.widths": [[8, 8], [8, 8]]}}, [], "experiments.bad.grid.model.widths[1]: [8, 8] is listed twice (also at [0])"),
+    ({"schedule": {"name": "multistep"}, "epochs": 3}, [], "experiments.bad.schedule.milestones: milestones [25, 40] are not inside epochs 1..2"),
     ({}, ["optimizer.momentm=0.9"], "--set optimizer.momentm: unknown key 'momentm'"),
     ({"resources": {"gpu": 2}}, [], "experiments.bad.resources.gpu: 2 GPU per trial but this machine has 0"),
     ({}, ["optimizer.lr=abc"], "--set optimizer.lr: expected float, got str 'abc'"),
@@ -109,6 +114,24 @@ def test_config_mistakes_exit_2_with_named_error_and_nothing_started(tmp_path, c
     assert message in capsys.readouterr().err
     assert not store.parent.exists() and not (tmp_path / "ray").exists()  # no MLflow store, no run, no Ray results
     assert ray.is_initialized() == ray_before  # main() started no Ray
+
+
+def test_a_key_twice_in_one_mapping_is_refused_with_both_lines(tmp_path):
+    """YAML 1.2 requires unique keys; PyYAML's safe_load keeps the last one silently, so a setting typed twice would lose one."""
+    path = write_experiments(tmp_path / "e.yaml", {"ok": {"epochs": 2}})
+    text = path.read_text().replace("    epochs: 2\n", "    epochs: 2\n    epochs: 3\n")
+    path.write_text(text)
+    assert yaml.safe_load(text)["experiments"]["ok"]["epochs"] == 3  # the trap, as PyYAML has it
+    lines = text.splitlines()
+    first = lines.index("    epochs: 2") + 1
+    with pytest.raises(ConfigError, match=rf"not valid YAML: duplicate key 'epochs' \(first on line {first}\)[\s\S]*line {first + 1}, column 5"):
+        resolve(path, "ok")
+
+
+def test_a_repeated_value_weighs_a_random_choice_and_is_allowed_there(tmp_path):
+    path = write_experiments(tmp_path / "e.yaml", {"ok": {"num_samples": 4, "grid": {"seed": {"choice": [1, 1, 2]}}}})
+    _, cfg = resolve(path, "ok")
+    assert len(trial_configs(cfg)) == 4 and {t.seed for t in trial_configs(cfg)} <= {1, 2}
 
 
 def test_errors_in_another_experiment_block_the_launch(tmp_path):
