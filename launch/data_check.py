@@ -2,8 +2,11 @@
 before Ray starts: what would fail every trial fails here, once, naming the data set, its path and the fix."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 from config.errors import InputError
 from config.schema import trial_configs
@@ -33,9 +36,12 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
 
     for data, published in data_configs(cfg):
         log(f"data: checking {data['name']} at {data['root']}")
+        new = first_missing(data.get("root"))
         try:
             images = load_images(data["name"], data.get("root"), data.get("cache_dir"), **source_options(data))
         except (OSError, RuntimeError, ValueError) as err:
+            if new is not None:  # a download that failed left the folders it made for it (a mistyped root): nothing else
+                remove_empty_folders(new)
             hint = get_source(data["name"]).hint or "check data.root"
             cause = f"{type(err).__name__}: {str(err).splitlines()[0][:600]}" if str(err) else type(err).__name__
             raise InputError(f"data set {data['name']!r} is not usable at {data['root']} ({cause}). Fix: {hint}") from None
@@ -47,6 +53,21 @@ def prepare_data(cfg: ExperimentConfig, log=print) -> None:
             except PublishedArraysError as err:
                 raise InputError(f"robustness_data for {data['name']!r}: {err}") from None
             log(f"corruptions: {len(present)} read from the published arrays in {folder}, the rest generated")
+
+
+def first_missing(root: str | None) -> Path | None:
+    """The outermost folder of ``root`` (itself or a parent) that does not exist yet, if any."""
+    if not root:
+        return None
+    missing = [p for p in (Path(root), *Path(root).parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def remove_empty_folders(top: Path) -> None:
+    """Remove ``top`` and the folders below it, bottom up, where they hold nothing (a file keeps its folders)."""
+    for folder, _, _ in sorted(os.walk(top, topdown=False), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def split_problem(data: dict, images) -> str | None:

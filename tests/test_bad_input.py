@@ -16,6 +16,7 @@ from launch.data_check import prepare_data
 import sweep
 from analysis.__main__ import main as analysis_main
 from bench.servers import free_port
+from config.errors import InputError
 from config.schema import resolve
 from tests.conftest import write_cifar, write_experiments
 
@@ -75,6 +76,27 @@ def test_analysis_choices_that_match_nothing_are_refused_before_any_run_is_analy
     err = refused(tmp_path, capsys, argv + [f.format(tmp=tmp_path) for f in flags], main=analysis_main)
     assert message.format(tmp=tmp_path) in err
     assert not (out / "runs").exists() and not (out / "label_issues.json").exists()  # nothing analysed
+
+
+def test_a_download_that_fails_leaves_no_folder_behind_and_keeps_what_was_there(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)  # what torchvision's download calls, after making its folder
+    path = write_experiments(tmp_path / "e.yaml", {"tiny": {"epochs": 1}})
+    for root in (tmp_path / "typo" / "cifar", tmp_path / "kept" / "cifar"):
+        if root.parent.name == "kept":
+            (root / "notes").mkdir(parents=True)
+            (root / "notes" / "README").write_text("mine")
+        _, cfg = resolve(path, "tiny", ["data.name=cifar10", f"data.root={root}", "data.download=true"])
+        with pytest.raises(InputError, match=f"data set 'cifar10' is not usable at {root}"):
+            prepare_data(cfg, log=lambda *_: None)
+    assert not (tmp_path / "typo").exists()  # made by the download, removed with it
+    assert (tmp_path / "kept" / "cifar" / "notes" / "README").read_text() == "mine"
 
 
 def test_a_subset_below_the_number_of_classes_is_refused_with_the_setting_that_works(tmp_path, capsys):
