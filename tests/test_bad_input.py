@@ -133,6 +133,17 @@ def test_a_dead_tracking_server_and_a_mistyped_store_are_refused_in_seconds_nami
     assert not (tmp_path / "no-such-folder").exists()
 
 
+@pytest.mark.parametrize("kind", ["file", "folder", "sqlite-in-memory", "ftp", "database"])
+def test_a_tracking_uri_that_names_no_usable_store_is_refused_with_the_kinds_that_are(tmp_path, capsys, kind):
+    uri = {"file": (tmp_path / "store").as_uri(), "folder": str(tmp_path / "mlruns"), "sqlite-in-memory": "sqlite://",
+           "ftp": "ftp://127.0.0.1/mlruns", "database": "postgresql://user@127.0.0.1:5432/mlflow"}[kind]
+    for argv, main in ((sweep_argv(tmp_path, uri=uri), sweep.main), (sweep_argv(tmp_path, uri=uri) + ["--rerun-best"], sweep.main),
+                       (["--experiment", "tiny", "--tracking-uri", uri, "--out", str(tmp_path / "out")], analysis_main)):
+        err = refused(tmp_path, capsys, argv, main=main)
+        assert f"the tracking URI {uri!r} is not a store stresslab logs to" in err and "an MLflow server (http://host:5000" in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlruns").exists()
+
+
 @contextlib.contextmanager
 def read_only(source: Path, target: Path):
     """``source`` seen read-only at ``target`` (a bind mount: root, which tests run as in CI, ignores file modes)."""

@@ -80,6 +80,10 @@ def check_store(uri: str, creating: bool) -> None:
         if creating and not db.parent.parent.is_dir():
             raise InputError(f"the MLflow store {uri} would be created in {db.parent}, whose parent folder does not exist: a typo? "
                              f"create it first, or pass another --tracking-uri")
+    else:  # a folder (MLflow 3's file store is frozen), an in-memory sqlite://, a database without a server, a typo
+        raise InputError(f"the tracking URI {uri!r} is not a store stresslab logs to: give a SQLite file (sqlite:///path/mlflow.db; "
+                         f"the default is {default_tracking_uri()}) or an MLflow server (http://host:5000, which may keep its runs "
+                         "in PostgreSQL or MySQL: mlflow server --backend-store-uri postgresql://...)")
 
 
 def client(uri: str):
