@@ -10,6 +10,7 @@ import threading
 import time
 
 import mlflow
+import numpy as np
 import pytest
 
 from tracking import metrics
@@ -49,13 +50,28 @@ def kill_when_training(uri: str, experiment: str, name: str, epoch: int, killed:
         time.sleep(0.2)
 
 
-def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
-    # A stage of width 0 passes validation (the factory builds it) but cannot run: those trials raise in training.
-    grid = {"model.widths": [[8, 16, 16], [8, 16, 0]], "optimizer.lr": [0.05, 1.0e6]}
-    path = write_experiments(tmp_path / "e.yaml", {"faults": {"epochs": 4, "max_failures": 1, "schedule": {"name": "constant"}, "augment": "cropflip", "grid": grid}})
+def test_raise_nan_and_sigkill_in_one_sweep(tmp_path, monkeypatch):
+    # The data of the n_test=121 trials passes the driver's check, then its decoded cache is corrupted before they load it
+    # (another job on a shared cache, a full disk): those trials raise in their setup.
+    grid = {"data.n_test": [120, 121], "optimizer.lr": [0.05, 1.0e6]}
+    cache = tmp_path / "cache"
+    path = write_experiments(tmp_path / "e.yaml", {"faults": {"epochs": 4, "max_failures": 1, "schedule": {"name": "constant"}, "augment": "cropflip",
+                                                              "data": {**TINY["data"], "cache_dir": str(cache)}, "grid": grid}})
+    checked = sweep.prepare_data
+
+    def check_then_corrupt(cfg, *args, **kwargs):
+        checked(cfg, *args, **kwargs)
+        for decoded in cache.glob("synthetic-*.npz"):
+            with np.load(decoded) as f:
+                if len(f["test_y"]) == 121:
+                    decoded.write_bytes(b"not a zip")
+                    corrupted.append(decoded)
+
+    corrupted: list = []
+    monkeypatch.setattr(sweep, "prepare_data", check_then_corrupt)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     killed: list = []
-    watcher = threading.Thread(target=kill_when_training, args=(uri, "faults", "plain_cnn-cropflip-s42-widths8x16x16-lr0.05", 2, killed), daemon=True)
+    watcher = threading.Thread(target=kill_when_training, args=(uri, "faults", "plain_cnn-cropflip-s42-n_test120-lr0.05", 2, killed), daemon=True)
     watcher.start()
     code = sweep.main(["--config", str(path), "--experiment", "faults", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
     watcher.join(timeout=5)
@@ -68,7 +84,7 @@ def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED", "FAILED"}
 
     # SIGKILL mid-training: restarted from its checkpoint, same run, same final metrics as an uninterrupted run.
-    (survivor,) = by_name["plain_cnn-cropflip-s42-widths8x16x16-lr0.05"]
+    (survivor,) = by_name["plain_cnn-cropflip-s42-n_test120-lr0.05"]
     assert killed and survivor.info.status == "FINISHED" and survivor.data.tags["pid"] != str(killed[0])
     assert steps(client, survivor.info.run_id, metrics.TRAIN_LOSS) == [1, 2, 3, 4]  # no duplicate steps
     problems: list = []
@@ -79,15 +95,16 @@ def test_raise_nan_and_sigkill_in_one_sweep(tmp_path):
     FAULT_SUMMARY.append("worker SIGKILL mid-epoch   trials affected: 1  restarted from checkpoint: yes  results lost: 0")
 
     # NaN loss: stops at once, FAILED, not retried into the same divergence.
-    (diverged,) = by_name["plain_cnn-cropflip-s42-widths8x16x16-lr1e+06"]
+    (diverged,) = by_name["plain_cnn-cropflip-s42-n_test120-lr1e+06"]
     assert diverged.info.status == "FAILED" and "training loss is" in diverged.data.tags["error"] and "diverged" in diverged.data.tags
     assert steps(client, diverged.info.run_id, metrics.TRAIN_LOSS) == []
     FAULT_SUMMARY.append("loss NaN/inf               trials affected: 1  stopped at epoch 1, FAILED  results lost: 0")
 
     # A trial that raises: FAILED with its error kept, the others unaffected.
-    raised = by_name["plain_cnn-cropflip-s42-widths8x16x0-lr0.05"] + by_name["plain_cnn-cropflip-s42-widths8x16x0-lr1e+06"]
+    raised = by_name["plain_cnn-cropflip-s42-n_test121-lr0.05"] + by_name["plain_cnn-cropflip-s42-n_test121-lr1e+06"]
+    assert len(corrupted) == 1
     for run in raised:
-        assert run.info.status == "FAILED" and "RuntimeError" in run.data.tags["error"]
+        assert run.info.status == "FAILED" and f"RuntimeError: corrupt data cache {corrupted[0]}" in run.data.tags["error"]
     FAULT_SUMMARY.append(f"trial raises               trials affected: {len(raised)}  marked FAILED with error  results lost: 0")
     parent = runs_of(uri, "faults", "sweep")[1][0]
     assert parent.info.status == "FAILED"
