@@ -43,7 +43,8 @@ def _arrays(folder: Path, n: int, image_shape: tuple[int, ...]) -> dict[str, np.
 
 def _labels(folder: Path) -> np.ndarray:
     if not folder.is_dir():
-        raise PublishedArraysError(f"{folder}: no such folder (robustness_data names the folder of CIFAR-10-C's .npy files)")
+        raise PublishedArraysError(f"{folder}: no such folder (the folder of CIFAR-10-C's .npy files: robustness_data in a trial, "
+                                   "--corruption-data in the analysis)")
     if not (folder / LABELS).exists():
         raise PublishedArraysError(f"{folder / LABELS}: missing; the published arrays come with it (the test labels, 5 times)")
     labels = _load(folder / LABELS)
