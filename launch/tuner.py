@@ -128,6 +128,10 @@ def run_tuner(name: str, cfg: ExperimentConfig, args: argparse.Namespace, sweep:
             print(f"warning: {warning}", file=sys.stderr)
     if record:
         print(f"resuming {record['path']}")
+        if frozen := [s for s in args.set if not s.partition("=")[0].strip().startswith("resources.")]:  # Tune restores the trials' configs
+            print(f"warning: a resumed sweep continues its trials with the settings they were launched with; "
+                  f"{', '.join('--set ' + s for s in frozen)} does not change them (only resources.* does, for the trials it restarts); "
+                  f"start a new sweep, without --resume, to train with it", file=sys.stderr)
         tuner = tune.Tuner.restore(record["path"], trainable=tune.with_resources(trainable.train, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu}),
                                    resume_unfinished=True, resume_errored=True)
     else:

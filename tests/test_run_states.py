@@ -241,8 +241,10 @@ def test_orphans_are_reaped_and_a_failed_restore_or_upload_leaves_nothing_runnin
     record.write_text(json.dumps(json.loads(record.read_text()) | {"status": "interrupted"}))
     monkeypatch.setattr(tune.Tuner, "restore", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure in Tuner.restore")))
     with pytest.raises(RuntimeError, match="Tuner.restore"):
-        sweep.main(argv + ["--resume"])
+        sweep.main(argv + ["--resume", "--set", "epochs=3", "--set", "resources.cpu=1"])
     assert no_running(uri, "tiny") and runs(uri, "tiny", "sweep")[0].data.tags["error"].endswith("injected failure in Tuner.restore")
+    warned = capsys.readouterr().err  # a --set that cannot reach the restored trials is named, not silently dropped
+    assert "--set epochs=3 does not change them" in warned and "resources.cpu=1" not in warned.split("does not change")[0]
 
     monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", lambda *a, **k: (_ for _ in ()).throw(OSError("injected: disk full")))
     (tmp_path / "report").mkdir()
