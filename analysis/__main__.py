@@ -8,7 +8,7 @@ from pathlib import Path
 import tracking
 from analysis import GALLERY_CLASSES, ROAD_IMAGES
 from config.errors import InputError
-from stress.corruptions.published import PublishedArraysError, check_labels
+from stress.corruptions.published import PublishedArraysError
 from config.settings import TrialConfig
 from tracking import metrics
 
@@ -85,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_store(uri, creating=False)
-        if args.corruption_data:  # named here: it must be there (the trials' own folder may be absent where their logs are reused)
-            check_labels(args.corruption_data)
         from analysis.pipeline import run_analysis  # (torch, grad-cam, matplotlib: not for --help or a refused flag)
 
         run_analysis(args.experiment, uri, out, args.threshold,

@@ -19,6 +19,7 @@ from analysis import ROAD_IMAGES
 from analysis.failures import RunSettings
 from analysis.artifacts import ArtifactReader
 from analysis.runs import ImageCache, find_runs
+from stress.corruptions.published import check_labels
 from tracking import metrics
 
 
@@ -35,10 +36,14 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     reader = ArtifactReader(uri, cache_dir)  # a local store is read in place; a server's artifacts through the user cache
     runs = find_runs(experiment, uri, sweep=sweep, log=log, reader=reader)
     layers = gradcam.resolve_layers(layer, runs)  # every choice is checked against the runs before any work
-    wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))] if baseline and variant else compare.infer_comparisons(runs)
     if baseline and variant:
+        wanted = [(compare.parse_selector(baseline), compare.parse_selector(variant))]
         compare.check_selectors(runs, *wanted[0])
+    else:
+        wanted = compare.infer_comparisons(runs)
     gallery_classes = overview.gallery_classes(runs[0], gallery)
+    if corruption_data:  # named by the caller: it must be there (the trials' own folder may be absent where their logs are reused)
+        check_labels(corruption_data)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
     images.check(runs, allow_data_mismatch)

@@ -65,7 +65,7 @@ def first_missing(root: str | None) -> Path | None:
 
 def remove_empty_folders(top: Path) -> None:
     """Remove ``top`` and the folders below it, bottom up, where they hold nothing (a file keeps its folders)."""
-    for folder, _, _ in sorted(os.walk(top, topdown=False), key=lambda w: -len(w[0])):
+    for folder, _, _ in os.walk(top, topdown=False):  # (bottom up: a folder after everything below it)
         with contextlib.suppress(OSError):
             os.rmdir(folder)
 
