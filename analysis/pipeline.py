@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from analysis import attacks, calibration, compare, gradcam, label_issues, log, logged, persistent, report, robustness
+from analysis import attacks, calibration, compare, gradcam, integrity, label_issues, log, logged, persistent, report, robustness
 from analysis import figures as overview
 from analysis import workers as workers_pool
 from analysis import ROAD_IMAGES
@@ -46,7 +46,9 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
         check_labels(corruption_data)
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
-    images.check(runs, allow_data_mismatch)
+    matching = images.check(runs, allow_data_mismatch)
+    log(f"checking the logged predictions of {len(matching)} run(s) against their weights on {integrity.VERIFIED_IMAGES} test images each")
+    integrity.verify_runs(matching, images)
     extra = {"label_issues": label_issues.label_issues_step(runs, images, out, threshold)}
     flagged = frozenset(label_issues.flagged_indices(extra["label_issues"]))
     attack = attacks.adversarial_settings(runs, (adversarial_images, pgd_steps, pgd_step_size))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import yaml
 
 import tracking
-from analysis import log
+from analysis import integrity, log
 from analysis.artifacts import ArtifactReader
 from config.errors import InputError
 from config.yaml12 import load_yaml
@@ -54,9 +55,17 @@ class Predictions:
 
     @classmethod
     def load(cls, path: str | Path) -> "Predictions":
-        with np.load(path) as f:
-            optional = {k: f[k] for k in ("logits", "val_logits", "val_labels") if k in f}
-            return cls(f["probs"].astype(np.float64), f["labels"], f["index"], [str(c) for c in f["classes"]], **optional)
+        """The predictions file a trial wrote; InputError saying what is wrong where it is not one (a file from the store
+        is data: it is read without unpickling and checked before anything indexes with it)."""
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # not an npz, truncated, or object arrays
+            raise InputError(f"{metrics.PREDICTIONS_FILE} is not readable as arrays ({err})") from None
+        if problems := integrity.predictions_problems(arrays):
+            raise InputError(f"{metrics.PREDICTIONS_FILE} is not what a trial writes: {'; '.join(problems)}")
+        optional = {k: arrays[k] for k in ("logits", "val_logits", "val_labels") if k in arrays}
+        return cls(arrays["probs"].astype(np.float64), arrays["labels"], arrays["index"], [str(c) for c in arrays["classes"]], **optional)
 
 
 @dataclass
@@ -162,7 +171,8 @@ def safe_names(names: list[str]) -> list[str]:
 def find_runs(experiment: str, uri: str, sweep: str | None = "latest", log=print, reader: ArtifactReader | None = None) -> list[RunRecord]:
     """Finished trial runs of ``experiment`` with test predictions (of its latest launch unless ``sweep`` is 'all' or an id).
 
-    Runs without test predictions (pruned by a scheduler, killed, failed) are skipped with a one-line note each."""
+    Runs without test predictions (pruned by a scheduler, killed, failed) or whose predictions file is not what a trial
+    writes are skipped with a one-line note each."""
     import mlflow
 
     mlflow_client = mlflow.MlflowClient(uri)
@@ -190,9 +200,15 @@ def find_runs(experiment: str, uri: str, sweep: str | None = "latest", log=print
             continue
         history = {k: [(m.step, m.value) for m in tracking.retry(lambda: mlflow_client.get_metric_history(run.info.run_id, k))]
                    for k in metrics.EPOCH_METRICS}
-        records.append(RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params,
-                                 run.data.metrics, reader, run.info.artifact_uri, history, artifacts,
-                                 test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG), model=models.get(run.info.run_id)))
+        record = RunRecord(run.info.run_id, run.data.tags.get("mlflow.runName", run.info.run_id), run.data.params, run.data.metrics,
+                           reader, run.info.artifact_uri, history, artifacts, test_images_sha256=run.data.tags.get(tracking.TEST_IMAGES_TAG),
+                           model=models.get(run.info.run_id))
+        try:
+            record.predictions  # read and checked once, here: every step after this one indexes with them
+        except InputError as err:
+            log(f"note: skipping {record.name} ({run.info.status}): {err}")
+            continue
+        records.append(record)
     if not records:
         raise InputError(f"experiment {experiment!r} has no finished trial runs with test predictions (sweep {sweep}) at {uri}")
     for record, slug in zip(records, safe_names([r.name for r in records])):
@@ -284,9 +300,11 @@ class ImageCache:
             self._digests[key] = tracking.images_digest(self._get(run)[0])
         return self._digests[key]
 
-    def check(self, runs: list[RunRecord], allow_mismatch: bool = False) -> None:
+    def check(self, runs: list[RunRecord], allow_mismatch: bool = False) -> list[RunRecord]:
         """Refuse (InputError naming the run) where the data loaded now is not what a run was tested on: Grad-CAM and
-        the stress tests would explain other pixels than its logged predictions; with ``allow_mismatch``, a warning."""
+        the stress tests would explain other pixels than its logged predictions; with ``allow_mismatch``, a warning.
+        Returns the runs whose data matches."""
+        matching = []
         for run in runs:
             labels = self._get(run)[3]
             if problem := data_mismatch(run, labels, self._digest(run) if run.test_images_sha256 else None):
@@ -295,3 +313,6 @@ class ImageCache:
                     raise InputError(f"{message}. Point data.root at the run's data (the analysis reads each run's logged data "
                                      f"settings), or pass --allow-data-mismatch if you know why")
                 log(f"warning: {message} (--allow-data-mismatch)")
+            else:
+                matching.append(run)
+        return matching

@@ -146,3 +146,20 @@ def mlflow_service(command: str, uri: str, artifacts: Path | None = None):
     extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
     with mlflow_servers(Server([command, "--backend-store-uri", uri, *extra])) as (base,):
         yield base
+
+
+def copy_store(source: Path, store: Path) -> dict[str, tuple[str, Path]]:
+    """A copy of the SQLite store folder ``source`` (database and artifacts) at ``store``, its runs pointing at the copy's
+    artifacts; returns {trial run name: (run id, artifact folder)}, for tests that tamper with a store."""
+    import shutil
+    import sqlite3
+
+    import tracking
+
+    shutil.copytree(source, store)
+    with sqlite3.connect(store / "mlflow.db") as db:
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(store)))
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(source), str(store)))
+        rows = db.execute("SELECT r.name, r.run_uuid, r.artifact_uri FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                          "WHERE t.key = ? AND t.value = 'trial'", (tracking.KIND_TAG,)).fetchall()
+    return {name: (run_id, Path(uri.removeprefix("file://"))) for name, run_id, uri in rows}

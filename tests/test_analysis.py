@@ -8,13 +8,12 @@ import torch
 from torch import nn
 
 from tracking import metrics
-import tracking
 
 from analysis import compare, failures as fail, gradcam
 from analysis.pipeline import run_analysis
 from analysis.artifacts import ArtifactReader
 from analysis.runs import Predictions, find_runs
-from tests.conftest import mlflow_service
+from tests.conftest import copy_store, mlflow_service
 
 CLASSES = ["a", "b", "c"]
 
@@ -401,20 +400,15 @@ def test_names_and_values_from_a_tampered_store_stay_data(finished_sweep, tmp_pa
     """Issue 38's store: a run named ../../outside, an augment param ../x (paired, so a comparison folder is made from
     it), a run named with markup and an adversarial.json whose steps is a script. The analysis exits 0, writes nothing
     outside --out, and its report holds no unescaped markup from the store."""
-    import shutil
     import sqlite3
 
     from analysis.__main__ import main as analysis_main
 
-    source = finished_sweep["tmp"] / "mlruns"
     store = tmp_path / "store" / "mlruns"
-    shutil.copytree(source, store)
-    with sqlite3.connect(store / "mlflow.db") as db:  # the copy's runs point at the copy's artifacts
-        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(source), str(store)))
-        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(source), str(store)))
-        ids = dict(db.execute("SELECT r.name, r.run_uuid FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                              f"WHERE t.key = '{tracking.KIND_TAG}' AND t.value = 'trial'").fetchall())
-        names = sorted(ids)  # plain_cnn s1, s2, residual_cnn s1, s2
+    trials = copy_store(finished_sweep["tmp"] / "mlruns", store)
+    ids = {name: run_id for name, (run_id, _) in trials.items()}
+    names = sorted(ids)  # plain_cnn s1, s2, residual_cnn s1, s2
+    with sqlite3.connect(store / "mlflow.db") as db:
         renamed = {names[0]: "../../outside", names[3]: "<img src=x onerror=alert(1)>"}
         for old, new in renamed.items():
             db.execute("UPDATE runs SET name = ? WHERE run_uuid = ?", (new, ids[old]))
@@ -422,9 +416,8 @@ def test_names_and_values_from_a_tampered_store_stay_data(finished_sweep, tmp_pa
         seed = db.execute("SELECT value FROM params WHERE key = 'seed' AND run_uuid = ?", (ids[names[0]],)).fetchone()[0]
         db.execute("UPDATE params SET value = '../x' WHERE key = 'augment' AND run_uuid = ?", (ids[names[1]],))
         db.execute("UPDATE params SET value = ? WHERE key = 'seed' AND run_uuid = ?", (seed, ids[names[1]]))  # its pair: names[0]
-        artifacts = Path(db.execute("SELECT artifact_uri FROM runs WHERE run_uuid = ?", (ids[names[2]],)).fetchone()[0].removeprefix("file://"))
-    (artifacts / metrics.ADVERSARIAL_FILE).write_text(json.dumps({"requested": 10, "images": 10, "steps": "<script>alert(1)</script>",
-                                                                  "step_size": 0.25, "epsilons": [0.0], "accuracy": {}, "clean": 1.0}))
+    planted = {"requested": 10, "images": 10, "steps": "<script>alert(1)</script>", "step_size": 0.25, "epsilons": [0.0], "accuracy": {}, "clean": 1.0}
+    (trials[names[2]][1] / metrics.ADVERSARIAL_FILE).write_text(json.dumps(planted))
     out = tmp_path / "work" / "report"
     before = sorted(p for p in tmp_path.rglob("*") if out not in p.parents)
     assert analysis_main(["--experiment", "tiny", "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--out", str(out), "--no-log",
@@ -448,6 +441,7 @@ def test_a_local_store_is_read_in_place_and_no_weights_are_copied_under_out(anal
     assert not {p.name for p in files} & {"failures_grid.png", "gradcam_failures.png", "class_gallery.png", "failures_grid.jpg"}
     reader = ArtifactReader(finished_sweep["uri"], out / "unused-cache")
     runs = find_runs("tiny", finished_sweep["uri"], reader=reader)
+    assert reader.counts["read in place"] == len(runs)  # each run's predictions, read and checked by find_runs
     state = runs[0].state_dict()  # from the logged model's exported program, in the store
-    assert "head.weight" in state and reader.counts["read in place"] == 1
+    assert "head.weight" in state and reader.counts["read in place"] == len(runs) + 1
     assert reader.counts["downloaded"] == reader.counts["from the cache"] == 0 and not (out / "unused-cache").exists()
