@@ -47,7 +47,8 @@ def run_analysis(experiment: str, uri: str, out: str | Path, threshold: float = 
     log(f"{len(runs)} finished runs of {experiment!r} from {uri}")
     images = ImageCache()
     matching = images.check(runs, allow_data_mismatch)
-    log(f"checking the logged predictions of {len(matching)} run(s) against their weights on {integrity.VERIFIED_IMAGES} test images each")
+    log(f"checking the logged metrics and predictions of {len(matching)} run(s) against their weights ({integrity.VERIFIED_IMAGES} test and "
+        f"{integrity.VERIFIED_IMAGES} validation images each)")
     integrity.verify_runs(matching, images)
     extra = {"label_issues": label_issues.label_issues_step(runs, images, out, threshold)}
     flagged = frozenset(label_issues.flagged_indices(extra["label_issues"]))

@@ -36,6 +36,7 @@ class Predictions:
     logits: np.ndarray | None = None  # raw test logits (for temperature scaling)
     val_logits: np.ndarray | None = None
     val_labels: np.ndarray | None = None
+    val_index: np.ndarray | None = None  # the validation images' source indices (training set), in the order of val_logits
 
     @property
     def preds(self) -> np.ndarray:
@@ -64,7 +65,7 @@ class Predictions:
             raise InputError(f"{metrics.PREDICTIONS_FILE} is not readable as arrays ({err})") from None
         if problems := integrity.predictions_problems(arrays):
             raise InputError(f"{metrics.PREDICTIONS_FILE} is not what a trial writes: {'; '.join(problems)}")
-        optional = {k: arrays[k] for k in ("logits", "val_logits", "val_labels") if k in arrays}
+        optional = {k: arrays[k] for k in ("logits", "val_logits", "val_labels", "val_index") if k in arrays}
         return cls(arrays["probs"].astype(np.float64), arrays["labels"], arrays["index"], [str(c) for c in arrays["classes"]], **optional)
 
 
@@ -254,22 +255,34 @@ def data_mismatch(record: RunRecord, labels: np.ndarray, digest: str | None) -> 
     return None
 
 
-def test_images(record: RunRecord, labels: bool = False):
-    """(uint8 test images in prediction order, train mean, train std) from the run's data config, through the analyst's
-    own decode cache; with ``labels``, the test labels in that order after them."""
+def run_data(record: RunRecord):
+    """The run's data set (a ``DataBundle`` on the CPU) as its logged data settings load it here, through the analyst's
+    own decode cache."""
     from data_zoo import load_bundle
 
     data = {**record.config["data"], "cache_dir": None}  # a folder named by the store is data, not a place to write to
     try:
-        bundle = load_bundle(data)
+        return load_bundle(data)
     except (FileNotFoundError, OSError) as err:
         raise InputError(f"the test images of run {record.name} are not readable here ({err}); "
                          f"point data.root at a copy: {data.get('root')}") from err
-    position = {int(i): p for p, i in enumerate(bundle.test.index.numpy())}
+
+
+def logged_order(record: RunRecord, split, logged: np.ndarray, what: str) -> np.ndarray:
+    """Positions in ``split`` (a ``data_zoo.Split``) of the source indices ``logged``, in their logged order."""
+    position = {int(i): p for p, i in enumerate(split.index.numpy())}
     try:
-        order = np.array([position[int(i)] for i in record.predictions.index])
+        return np.array([position[int(i)] for i in logged], dtype=int)
     except KeyError as err:
-        raise InputError(f"run {record.name} was tested on image {err.args[0]}, which the data at {data.get('root')} does not have") from None
+        raise InputError(f"run {record.name} was {what} on image {err.args[0]}, which the data at {record.config['data'].get('root')} "
+                         f"does not have") from None
+
+
+def test_images(record: RunRecord, labels: bool = False, bundle=None):
+    """(uint8 test images in prediction order, train mean, train std) from the run's data config (``bundle``: already
+    loaded); with ``labels``, the test labels in that order after them."""
+    bundle = bundle or run_data(record)
+    order = logged_order(record, bundle.test, record.predictions.index, "tested")
     loaded = (bundle.test.x.numpy()[order], bundle.mean.numpy(), bundle.std.numpy())
     return (*loaded, bundle.test.y.numpy()[order]) if labels else loaded
 
@@ -280,14 +293,24 @@ class ImageCache:
     def __init__(self):
         self._cache: dict[str, tuple] = {}
         self._digests: dict[str, str] = {}  # SHA-256 of each data config's test images, computed once
+        self._val: dict[str, object] = {}  # each data config's validation split (kept in the main process only: not sent to workers)
 
     def get(self, run: RunRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._get(run)[:3]
 
+    def validation(self, run: RunRecord) -> np.ndarray | None:
+        """The run's uint8 validation images in the order of its logged ``val_logits``; None where it logged none."""
+        if run.predictions.val_index is None:
+            return None
+        self._get(run)
+        split = self._val[self._key(run)]
+        return None if split is None else split.x.numpy()[logged_order(run, split, run.predictions.val_index, "validated")]
+
     def _get(self, run: RunRecord) -> tuple:
         key = self._key(run)
         if key not in self._cache:
-            self._cache[key] = test_images(run, labels=True)
+            bundle = run_data(run)
+            self._cache[key], self._val[key] = test_images(run, labels=True, bundle=bundle), bundle.val
         return self._cache[key]
 
     @staticmethod

@@ -1,10 +1,11 @@
-"""A store whose predictions were edited: a file that is not what a trial writes leaves its run out, and predictions its
-run's own weights do not make are refused before any work (analysis/integrity.py)."""
+"""A store whose results were edited: a predictions file that is not what a trial writes leaves its run out; metrics its
+predictions do not bear out, and predictions its run's own weights do not make, are refused before any work
+(analysis/integrity.py)."""
 import numpy as np
 import pytest
 
 from analysis.__main__ import main as analysis_main
-from analysis.integrity import PROB_TOLERANCE, model_disagreement, verify_runs
+from analysis.integrity import PROB_TOLERANCE, metric_problems, model_disagreement, verify_runs
 from analysis.runs import ImageCache, find_runs, load_model
 from config.errors import InputError
 from tests.conftest import copy_store
@@ -52,29 +53,44 @@ def test_a_predictions_file_that_no_trial_writes_leaves_its_run_out_with_the_rea
     assert len(notes) == 1 and notes[0].startswith(f"note: skipping {name} (FINISHED): {metrics.PREDICTIONS_FILE} ") and EDITS[edit][1] in notes[0]
 
 
-def test_the_logged_predictions_are_what_the_logged_weights_make_on_every_test_image(store):
-    """The honest store: recomputed on the CPU, on all 120 test images, every run's probabilities are the logged ones
-    (the trials also ran on this CPU, with channels_last: rounding apart)."""
+def test_the_logged_results_are_what_the_logged_weights_make_on_every_test_and_validation_image(store):
+    """The honest store: its metrics are what its predictions say, and recomputed on the CPU, on all 120 test and 79
+    validation images, every run's probabilities are the logged ones (the trials also ran on this CPU, with channels_last:
+    rounding apart)."""
     trials, uri = store
     images = ImageCache()
-    for run in find_runs("tiny", uri, log=lambda *_: None):
+    runs = find_runs("tiny", uri, log=lambda *_: None)
+    for run in runs:
         x, mean, std = images.get(run)
-        assert model_disagreement(load_model(run), x, mean, std, run.predictions, np.arange(len(x))) is None
+        p = run.predictions
+        assert metric_problems(run) == [] and len(images.validation(run)) == len(p.val_logits) == 79  # 20% of each class's images
+        assert model_disagreement(load_model(run), x, mean, std, p.probs, p.index, p.classes, np.arange(len(x)), "test") is None
+    verify_runs(runs, images, n_images=10**6)  # and the validation images: raises where any differs by more than the tolerance
+
+
+def refused(uri: str) -> str:
+    """The InputError message of verifying every image of every run of the store."""
+    with pytest.raises(InputError) as caught:
+        verify_runs(find_runs("tiny", uri, log=lambda *_: None), ImageCache(), n_images=10**6)
+    return str(caught.value)
 
 
 @pytest.mark.parametrize("forged", ["every failure made right", "one image", "one image, by 1.2x the tolerance"])
 def test_predictions_the_weights_do_not_make_are_refused_naming_the_run(store, forged):
-    """A residual run of the tiny sweep has confident failures: hiding them (each set to its true label at 0.99) is
-    refused (all of their predicted-class probability moved to the true class), as is a change to one image, when every
-    image is checked; moving half the tolerance is not."""
+    """A residual run of the tiny sweep has failures: hiding them (all of their predicted-class probability moved to the
+    true class) is refused, as is a change to one image, when every image is checked; moving half the tolerance is not."""
     trials, uri = store
     name = next(n for n in sorted(trials) if n.startswith("residual_cnn"))
     folder = trials[name][1]
-    wrong = np.flatnonzero(~next(r for r in find_runs("tiny", uri, log=lambda *_: None) if r.name == name).predictions.correct)
+    p = next(r for r in find_runs("tiny", uri, log=lambda *_: None) if r.name == name).predictions
+    wrong = np.flatnonzero(~p.correct)
     assert len(wrong) >= 5
-    changed = wrong if forged == "every failure made right" else wrong[:1]
+    margin = p.probs[wrong].max(1) - p.probs[wrong, p.labels[wrong]]
+    clear = wrong[[int(margin.argmax())]]  # a failure whose class moving 1.2x the tolerance cannot flip
+    assert margin.max() > 2.4 * PROB_TOLERANCE
+    changed = wrong if forged == "every failure made right" else clear
 
-    def nudge(f, by):  # ``by`` of each changed image's probability moved from its predicted class to its true class
+    def nudge(f, by, changed=changed):  # ``by`` of each changed image's probability moved from its predicted class to its true class
         top = f["probs"][changed].argmax(1)
         by = np.minimum(by, f["probs"][changed, top])
         f["probs"][changed, top] -= by
@@ -82,11 +98,50 @@ def test_predictions_the_weights_do_not_make_are_refused_naming_the_run(store, f
 
     logged = (folder / metrics.PREDICTIONS_FILE).read_bytes()
     rewrite(folder, lambda f: nudge(f, 1.2 * PROB_TOLERANCE if "1.2x" in forged else 1.0))
-    with pytest.raises(InputError, match=rf"run {name} \({trials[name][0]}\): on {len(changed)} of 120 test images drawn at random"):
-        verify_runs(find_runs("tiny", uri, log=lambda *_: None), ImageCache(), n_images=10**6)
+    message = refused(uri)
+    assert f"run {name} ({trials[name][0]}): " in message and f"on {len(changed)} of 120 test images drawn at random" in message
+    assert (f"its test/acc metric is {p.correct.mean():.4f}, its test predictions are right on" in message) == ("1.2x" not in forged)
     (folder / metrics.PREDICTIONS_FILE).write_bytes(logged)
-    rewrite(folder, lambda f: nudge(f, PROB_TOLERANCE / 2))  # rounding, not a change
+    rewrite(folder, lambda f: nudge(f, PROB_TOLERANCE / 2, clear))  # rounding, not a change
     verify_runs(find_runs("tiny", uri, log=lambda *_: None), ImageCache(), n_images=10**6)
+
+
+def test_validation_logits_the_weights_do_not_make_are_refused(store):
+    """Validation logits made three times sharper (the same classes, so the val/acc they give is the logged one): only
+    the model's check on the validation images can tell, and does."""
+    trials, uri = store
+    name = sorted(trials)[0]
+    rewrite(trials[name][1], lambda f: f.update(val_logits=f["val_logits"] * 3))
+    message = refused(uri)
+    assert f"run {name} ({trials[name][0]}): on " in message and " of 79 validation images drawn at random" in message
+    assert "metric" not in message and "test images" not in message
+
+
+EDITED_METRICS = {  # how a metric is edited -> what the refusal says
+    "test/acc in the run's latest metrics": ("UPDATE latest_metrics SET value = 0.99 WHERE key = 'test/acc' AND run_uuid = ?",
+                                             "its test/acc metric is 0.9900, its test predictions are right on"),
+    "val/acc in the run's latest metrics (what runs are ranked by)": ("UPDATE latest_metrics SET value = 0.99 WHERE key = 'val/acc' AND run_uuid = ?",
+                                                                     "its val/acc metric (0.9900) is not the one its history logged for epoch 2"),
+    "val/acc in latest metrics and history": ("UPDATE metrics SET value = 0.99 WHERE key = 'val/acc' AND run_uuid = ?",
+                                              "its val/acc for the tested epoch 2 is 0.9900, its validation logits are right on"),
+    "test/confident_errors": ("UPDATE latest_metrics SET value = 1000 WHERE key = 'test/confident_errors' AND run_uuid = ?",
+                              "its test/confident_errors metric is 1000, its test predictions make"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITED_METRICS, ids=list(EDITED_METRICS))
+def test_metrics_their_predictions_do_not_bear_out_are_refused(store, edit):
+    import sqlite3
+
+    trials, uri = store
+    name = next(n for n in sorted(trials) if n.startswith("residual_cnn"))
+    sql, said = EDITED_METRICS[edit]
+    with sqlite3.connect(uri.removeprefix("sqlite:///")) as db:
+        db.execute(sql, (trials[name][0],))
+        if "history" in edit:
+            db.execute(sql.replace("UPDATE metrics", "UPDATE latest_metrics"), (trials[name][0],))
+    message = refused(uri)
+    assert f"run {name} ({trials[name][0]}): its " in message and said in message and "images drawn at random" not in message
 
 
 def test_the_analysis_refuses_a_forged_run_before_any_work(store, tmp_path, capsys):
@@ -98,5 +153,5 @@ def test_the_analysis_refuses_a_forged_run_before_any_work(store, tmp_path, caps
     out = tmp_path / "report"
     assert analysis_main(["--experiment", "tiny", "--tracking-uri", uri, "--out", str(out), "--no-log", "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert f"run {name} ({trials[name][0]}): on " in err and "does not judge a model on predictions it did not make" in err
+    assert f"run {name} ({trials[name][0]}): " in err and "does not judge a model on results it did not produce" in err
     assert not (out / "report.html").exists() and not (out / "runs").exists()
