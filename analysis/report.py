@@ -69,9 +69,10 @@ def setup_view(experiment: str, uri: str, threshold: float, analyses) -> dict:
 
 
 def selection_key(a) -> tuple:
-    """Runs ranked on the validation split (never on test); test accuracy only breaks ties or stands in without validation."""
-    m = a.run.metrics
-    return (m.get(metrics.VAL_ACC, float("-inf")), m.get(metrics.TEST_ACC, 0))
+    """Runs ranked on the validation split (never on test), by the tested weights' epoch (under early stopping the best,
+    not the last); test accuracy only breaks ties or stands in without validation."""
+    val = a.run.tested(metrics.VAL_ACC)
+    return (float("-inf") if val is None else val, a.run.metrics.get(metrics.TEST_ACC, 0))
 
 
 def results_view(analyses, figures: dict) -> dict:
@@ -79,7 +80,7 @@ def results_view(analyses, figures: dict) -> dict:
     for a in sorted(analyses, key=selection_key, reverse=True):
         m = a.run.metrics
         road = [f"{a.road[k]:+.3f}" if k in a.road else "-" for k in ("Grad-CAM", "random map", "centred blob")]
-        rows.append([Link(a.run.name, "#" + anchor(a.run.name)), fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(m.get(metrics.VAL_ACC)),
+        rows.append([Link(a.run.name, "#" + anchor(a.run.name)), fmt(m.get(metrics.TEST_ACC)), fmt(m.get(metrics.TEST_F1)), fmt(a.run.tested(metrics.VAL_ACC)),
                      m.get(metrics.TEST_EPOCH, "-"), len(a.failures), len(a.failures_excluding_label_errors),
                      f"{a.layer} ({a.resolution[0]}x{a.resolution[1]})", *road, a.run.run_id[:8]])
     shown = (("metrics", "test metrics per run"), ("curves", "training (solid) and validation (dashed) curves"),
@@ -206,7 +207,7 @@ def conclusions(analyses, comparisons, extra: dict | None = None) -> list[str]:
     """Sentences computed from the numbers above, nothing else."""
     out = []
     best = max(analyses, key=selection_key)
-    out.append(f"Best run by validation accuracy: {best.run.name}, {fmt(best.run.metrics.get(metrics.VAL_ACC))}% on validation, "
+    out.append(f"Best run by validation accuracy: {best.run.name}, {fmt(best.run.tested(metrics.VAL_ACC))}% on validation, "
                f"{fmt(best.run.metrics.get(metrics.TEST_ACC))}% test accuracy and {len(best.failures)} high-confidence failures.")
     pairs = Counter((f["true_class"], f["predicted_class"]) for a in analyses for f in a.failures)
     total = sum(pairs.values())

@@ -85,6 +85,12 @@ class RunRecord:
     test_images_sha256: str | None = None  # what the trial was tested on (tracking.TEST_IMAGES_TAG; None for older runs)
     model: tuple[str, str] | None = None  # the run's MLflow logged model: (model id, artifact location), where its weights are
 
+    def tested(self, name: str) -> float | None:
+        """Epoch metric ``name`` (``val/acc``) of the weights the trial tested: its value at ``test/epoch``, which under
+        early stopping is the best validation epoch, not the last; else the latest."""
+        at = [v for step, v in self.history.get(name, []) if step == self.metrics.get(metrics.TEST_EPOCH)]
+        return at[-1] if at else self.metrics.get(name)
+
     def artifact(self, path: str) -> Path:
         """A local path of one of the run's artifacts: in the store itself, or in the user cache."""
         return self.reader.run_file(self.run_id, self.artifact_uri, path)

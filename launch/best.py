@@ -33,9 +33,11 @@ def registry_problems(model: str, alias: str) -> list[str]:
 
 
 def best_run(uri: str, name: str, metric: str, mode: str):
-    """The finished trial run of experiment ``name`` with the best ``metric`` (a pandas row), among runs with test predictions;
-    every run skipped for lacking them (pruned, killed, failed) gets a one-line note."""
+    """The finished trial run of experiment ``name`` with the best ``metric`` (a pandas row; an epoch metric taken at the
+    tested epoch), among runs with test predictions; every run skipped for lacking them (pruned, killed, failed) gets a
+    one-line note."""
     import mlflow
+    import numpy as np
 
     mlflow.set_tracking_uri(uri)
     runs = tracking.retry(lambda: mlflow.search_runs(experiment_names=[name], filter_string=f"tags.`{tracking.KIND_TAG}` = 'trial'"))
@@ -49,7 +51,12 @@ def best_run(uri: str, name: str, metric: str, mode: str):
         runs = runs[usable]
     if runs.empty or column not in runs or runs[column].isna().all():
         raise InputError(f"experiment {name!r} has no finished run with metric {metric!r} at {uri}; run the sweep first")
-    runs = runs[runs[column].notna()]
+    runs = runs[runs[column].notna()].copy()
+    if metric in metrics.EPOCH_METRICS:  # early stopping tested an earlier epoch than its last: rank on that epoch's value
+        client = mlflow.MlflowClient(uri)
+        for i, run in runs[runs.get(f"metrics.{metrics.TEST_EPOCH}", np.nan) < runs.get(f"metrics.{metrics.EPOCH}", np.nan)].iterrows():
+            history = tracking.retry(lambda: client.get_metric_history(run.run_id, metric))
+            runs.loc[i, column] = next((m.value for m in reversed(history) if m.step == run[f"metrics.{metrics.TEST_EPOCH}"]), run[column])
     return runs.sort_values(column, ascending=mode == "min", kind="stable").iloc[0]
 
 

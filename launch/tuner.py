@@ -155,6 +155,17 @@ def pruned_trials(sweep: dict) -> dict[str, str]:
             for r in runs if r.data.tags.get(STOPPED_BY_TAG)}
 
 
+def tested_value(result, metric: str) -> float | None:
+    """A trial's ``metric`` for the weights it tested: an epoch metric at ``test/epoch`` (under early stopping the best
+    epoch, not the last one reported), anything else as last reported."""
+    m = result.metrics or {}
+    tested = m.get(metrics.TEST_EPOCH)
+    if metric not in metrics.EPOCH_METRICS or tested is None or tested == m.get(metrics.EPOCH) or result.metrics_dataframe is None:
+        return m.get(metric)
+    at = result.metrics_dataframe.loc[result.metrics_dataframe[metrics.EPOCH] == tested, metric]
+    return float(at.iloc[-1]) if len(at) else m.get(metric)
+
+
 def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storage: str) -> int:
     """Print the trials sorted by the metric, close the parent run, say how to open the UI or resume."""
     outcomes, rows, finished = pruned_trials(sweep), [], []
@@ -162,7 +173,7 @@ def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storag
         m = result.metrics or {}
         outcome = outcomes.get(m.get("trial_id", ""), "")
         status = (f"ERROR: {str(result.error).splitlines()[0][:60]}" if result.error else outcome or ("done" if metrics.TEST_ACC in m else "unfinished"))
-        rows.append((result.path and Path(result.path).name, m.get(cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
+        rows.append((result.path and Path(result.path).name, tested_value(result, cfg.metric), m.get(metrics.TEST_ACC), m.get(metrics.EPOCH), status))
         if status == "done":
             finished.append(m)
     rows.sort(key=lambda r: (r[1] is None, -(r[1] or 0) if cfg.mode == "max" else (r[1] or 0)))

@@ -83,6 +83,46 @@ def test_names_and_aliases_the_registry_refuses_are_refused_before_anything_is_r
     assert "not allowed with argument --rerun-best" in capsys.readouterr().err
 
 
+def test_an_early_stopped_run_is_ranked_by_the_epoch_it_was_tested_with(tmp_path):
+    """Run "stopped" peaked at 0.90 in epoch 2, was tested with those weights (test/epoch 2) and stopped at epoch 4 with
+    0.55; run "steady" reached 0.70 at its last epoch. By the tested weights "stopped" is the better one: --rerun-best's
+    and --register-best's choice, the sweep's closing table and the report's ranking, its val acc column and its conclusion
+    say so (ranked by the latest val/acc, "steady" had won)."""
+    from types import SimpleNamespace
+
+    from analysis import report
+    from analysis.runs import RunRecord
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(client, "stopping", "", uri)
+    histories = {"stopped": ([0.50, 0.90, 0.60, 0.55], 2), "steady": ([0.60, 0.70], 2)}
+    records = []
+    for name, (values, tested) in histories.items():
+        run = client.create_run(experiment, run_name=name, tags={tracking.KIND_TAG: "trial"})
+        for step, value in enumerate(values, 1):
+            client.log_metric(run.info.run_id, metrics.VAL_ACC, value, step=step)
+            client.log_metric(run.info.run_id, metrics.EPOCH, step, step=step)
+        client.log_metric(run.info.run_id, metrics.TEST_EPOCH, tested, step=len(values))
+        client.log_metric(run.info.run_id, metrics.TEST_ACC, 0.5, step=len(values))
+        client.set_terminated(run.info.run_id)
+        latest = client.get_run(run.info.run_id).data.metrics
+        history = {metrics.VAL_ACC: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metrics.VAL_ACC)]}
+        records.append(SimpleNamespace(run=RunRecord(run.info.run_id, name, {}, latest, None, None, history)))
+    assert client.get_run(records[0].run.run_id).data.metrics[metrics.VAL_ACC] == 0.55  # what MLflow and Tune call its val/acc
+    chosen = best.best_run(uri, "stopping", metrics.VAL_ACC, "max")
+    assert chosen["tags.mlflow.runName"] == "stopped" and chosen[f"metrics.{metrics.VAL_ACC}"] == 0.90
+    assert [a.run.name for a in sorted(records, key=report.selection_key, reverse=True)] == ["stopped", "steady"]
+    assert [a.run.tested(metrics.VAL_ACC) for a in records] == [0.90, 0.70]
+    import pandas as pd
+
+    from launch.tuner import tested_value
+
+    reported = pd.DataFrame({metrics.EPOCH: [1, 2, 3, 4], metrics.VAL_ACC: [0.50, 0.90, 0.60, 0.55]})  # Tune's results of "stopped"
+    result = SimpleNamespace(metrics={metrics.EPOCH: 4, metrics.VAL_ACC: 0.55, metrics.TEST_EPOCH: 2, metrics.TEST_ACC: 0.5}, metrics_dataframe=reported)
+    assert tested_value(result, metrics.VAL_ACC) == 0.90 and tested_value(result, metrics.TEST_ACC) == 0.5  # the sweep's own table
+
+
 def test_register_best_selects_on_validation_and_says_so(finished_sweep, capsys, monkeypatch):
     assert sweep.main(finished_sweep["argv"] + ["--register-best", "tiny-best"]) == 0
     trials = finished_sweep["runs"][finished_sweep["runs"][f"tags.{tracking.KIND_TAG}"] == "trial"]
