@@ -14,9 +14,10 @@ from data_zoo.cache import default_cache_dir
 from stress import corruptions
 from stress.corruptions.published import published_sets
 from stress.corruptions.stored import SetCache
-from tracking import plots
+from tracking import metrics, plots
 
 DEFAULT_CORRUPTION_IMAGES = 1000
+SPOT_CHECKED_SETS = 2  # of a trial's 95 logged (corruption, severity) accuracies, recomputed here before the rest is reused
 
 
 def published_folder(runs: list[RunRecord], folder: str | None) -> str | None:
@@ -32,17 +33,34 @@ def reusable(trial: dict | None, n_images: int, folder: str | None) -> bool:
     well_formed = isinstance(source, dict) and source.get("kind") in ("published", "generated", "mixed") \
         and isinstance(source.get("generated"), list) and isinstance(source.get("libraries"), dict)
     return bool(trial) and well_formed and trial["images"] == n_images and set(trial["accuracy"]) == set(corruptions.CORRUPTIONS) \
-        and source.get("published_folder") == folder
+        and all(len(v) == len(corruptions.SEVERITIES) for v in trial["accuracy"].values()) and source.get("published_folder") == folder
+
+
+def spot_check(trial: dict, predict, x: np.ndarray, labels: np.ndarray, published: dict | None, cache: SetCache,
+               rng: np.random.Generator, n_sets: int = SPOT_CHECKED_SETS) -> str | None:
+    """Recompute ``n_sets`` of the trial's (corruption, severity) accuracies, drawn at random (fresh entropy: whoever
+    edits robustness.json cannot know which), on the same images ``x``; how one differs from the logged figure by more
+    than rounding on another device can explain (half an image and 0.5%), or None."""
+    names = sorted(corruptions.CORRUPTIONS)
+    for _ in range(n_sets):
+        name, severity = names[int(rng.integers(len(names)))], int(rng.choice(corruptions.SEVERITIES))
+        images = published[name, severity] if published and (name, severity) in published else \
+            cache.get(name, severity, lambda: corruptions.corrupt(x, name, severity, 0))
+        measured, logged = float((predict(images) == labels).mean()), trial["accuracy"][name][severity - 1]
+        if abs(measured - logged) > 0.005 + 0.5 / len(labels):
+            return f"its trial logged {logged:.4f} under {name} at severity {severity}, its weights give {measured:.4f} on the same {len(labels)} images"
+    return None
 
 
 def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_images: int | None, baseline: tuple[str, str] | None,
-                    reuse: bool = True, folder: str | None = None) -> dict | None:
+                    reuse: bool = True, folder: str | None = None, rng: np.random.Generator | None = None) -> dict | None:
     """Accuracy under every corruption and severity on a class-balanced test subset; mCE (over the 15) against the
     baseline runs; the published anchor beside the best run.
 
     A run whose trial ran the same test (``robustness: true`` on the same subset, from the same published arrays or
     none) is read from its logged robustness.json: same subset rule, corruption seeds and fp32 model, so the same
-    numbers (a test checks it) without the inference, which dominates a CPU analysis. ``n_images`` None means the
+    numbers (a test checks it) without the inference, which dominates a CPU analysis; ``spot_check`` first recomputes
+    two of its sets (``rng``), and a file they do not bear out is measured again, with a warning. ``n_images`` None means the
     trials' subset where every run logged one of the same size, else DEFAULT_CORRUPTION_IMAGES. ``folder``: the
     published arrays (default: the trials' ``robustness_data``)."""
     if n_images == 0:
@@ -52,23 +70,25 @@ def robustness_step(runs: list[RunRecord], images: ImageCache, out: Path, n_imag
     if n_images is None:
         requested = {v["requested"] for v in logged.values() if v}
         n_images = requested.pop() if len(requested) == 1 and all(logged.get(r.name) for r in runs) else DEFAULT_CORRUPTION_IMAGES
-    results, generated = {}, {}
+    results, sources, generated, rng = {}, {}, {}, rng or np.random.default_rng()
     for run in runs:
         x, mean, std = images.get(run)
         p = run.predictions
         pos = corruptions.first_per_class(p.labels, len(p.classes), n_images)  # the same definition the trials use
-        trial = logged.get(run.name)
-        if reusable(trial, len(pos), folder):
-            results[run.name] = {"clean": float((p.preds[pos] == p.labels[pos]).mean()), "accuracy": trial["accuracy"], "measured": "trial",
-                                 "source": trial["source"]}
-            continue
-        key = (id(x), pos.tobytes())
-        if key not in generated:  # corrupted (or read) once per data set and subset, reused by every run on it
+        trial, key, predict = logged.get(run.name), (id(x), pos.tobytes()), corruptions.classifier(load_model(run), mean, std)
+        if key not in sources:  # read or corrupted once per data set and subset, for every run on it
             published = published_sets(folder, p.index[pos], p.labels[pos], x.shape[2:]) if folder else None
-            cache = SetCache(default_cache_dir(), x[pos], seed=0)  # the analyst's cache (where the trials stored theirs by default)
+            sources[key] = (published, SetCache(default_cache_dir(), x[pos], seed=0))  # the analyst's cache (the trials' by default)
+        published, cache = sources[key]
+        if reusable(trial, len(pos), folder):
+            if not (problem := spot_check(trial, predict, x[pos], p.labels[pos], published, cache, rng)):
+                results[run.name] = {"clean": float((p.preds[pos] == p.labels[pos]).mean()), "accuracy": trial["accuracy"], "measured": "trial",
+                                     "source": trial["source"]}
+                continue
+            log(f"warning: {run.name}'s {metrics.ROBUSTNESS_FILE} is not what its weights give ({problem}): measured again here")
+        if key not in generated:
             generated[key] = (list(corruptions.corrupted_sets(x[pos], published=published, cache=cache)), corruptions.source(published, folder))
             log(cache.summary())
-        predict = corruptions.classifier(load_model(run), mean, std)
         results[run.name] = {"clean": float((predict(x[pos]) == p.labels[pos]).mean()), "measured": "analysis", "source": generated[key][1],
                              "accuracy": corruptions.corruption_accuracy(predict, None, p.labels[pos], sets=generated[key][0])}
         log(f"corruptions: {run.name} done")

@@ -84,6 +84,41 @@ def test_the_trials_corruption_test_is_reused_and_equals_the_analysis_own(churn_
         assert report["runs"][run.name]["source"]["kind"] == computed["source"]["kind"] == "generated"
 
 
+def test_a_trials_corruption_figures_its_weights_do_not_give_are_measured_again(churn_report, tmp_path, capsys):
+    """An honest run's robustness.json passes every recomputed set (300 draws cover the 95); one whose figures were all
+    moved by 0.5 in the store fails the two drawn ones whatever they are, and is measured again (giving the trial's own
+    figures back), with a warning naming it, while the other runs are still read from their trials."""
+    import numpy as np
+
+    from analysis.robustness import robustness_step, spot_check
+    from analysis.runs import ImageCache, find_runs, load_model
+    from stress import corruptions
+    from stress.corruptions.stored import SetCache
+    from tests.conftest import copy_store
+    from tracking import metrics
+
+    *_, uri, out = churn_report
+    honest = find_runs("churn", uri)[0]
+    x, mean, std = ImageCache().get(honest)
+    pos = corruptions.first_per_class(honest.predictions.labels, 10, 40)
+    predict = corruptions.classifier(load_model(honest), mean, std)
+    assert spot_check(honest.trial_robustness, predict, x[pos], honest.predictions.labels[pos], None, SetCache(tmp_path, x[pos], 0),
+                      np.random.default_rng(0), n_sets=300) is None
+    trials = copy_store(out.parent / "mlruns", tmp_path / "mlruns")
+    name = sorted(trials)[0]
+    path = trials[name][1] / metrics.ROBUSTNESS_FILE
+    edited = json.loads(path.read_text())
+    logged = edited["accuracy"]
+    edited["accuracy"] = {c: [a + 0.5 if a < 0.5 else a - 0.5 for a in v] for c, v in logged.items()}
+    path.write_text(json.dumps(edited))
+    runs = find_runs("churn", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    report = robustness_step(runs, ImageCache(), tmp_path, 40, None)
+    assert {n: r["measured"] for n, r in report["runs"].items()} == {r.name: "analysis" if r.name == name else "trial" for r in runs}
+    assert report["runs"][name]["accuracy"] == logged  # what the trial had logged (fractions of 40 images: exact)
+    said = capsys.readouterr().out
+    assert f"warning: {name}'s robustness.json is not what its weights give (its trial logged " in said and "measured again here" in said
+
+
 def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn_report):
     """Every trial attacked 20 test images (3 PGD steps): the analysis takes these settings by default and reads the
     trials' results; attacked again here from the logged weights, one run per architecture gives the same accuracies and first flips, and the metrics logged are those."""
