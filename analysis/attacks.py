@@ -9,28 +9,57 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis import gradcam, photos
+from analysis import gradcam, log, photos
 from analysis.runs import RunRecord
 from config.settings import TrialConfig
 from data_zoo.loader import standardise
 from stress import adversarial
-from tracking import plots
+from tracking import metrics, plots
 
 if TYPE_CHECKING:
     from analysis.failures import RunAnalysis, RunSettings
 
 
 DEFAULT_ADVERSARIAL = (TrialConfig.adversarial_images, TrialConfig.adversarial_steps, TrialConfig.adversarial_step_size)  # the trials' defaults
+SPOT_CHECKED_IMAGES = 8  # of a trial's attacked images, attacked again here (both attacks, every epsilon) before its file is reused
+
+
+def spot_check(model, x: np.ndarray, mean, std, pred, logged: dict, rng: np.random.Generator, n_images: int = SPOT_CHECKED_IMAGES) -> str | None:
+    """How the trial's adversarial.json is not what its run gives, or None: its accuracies must be what its own clean
+    accuracy and first flips make (the curve is their count), and ``n_images`` of its subset, drawn at random (fresh
+    entropy), attacked again from the run's weights must flip at the logged epsilons (one may differ: a flip at the
+    boundary between two epsilons can go either way on another device)."""
+    eps, clean, n = logged["epsilons"][1:], logged["clean"], logged["images"]
+    for name in adversarial.ATTACKS:
+        flips = list(logged.get(f"first_flip_{name}", {}).values())
+        made = [clean, *(clean - sum(f is not None and f <= e for f in flips) / n for e in eps)]
+        if len(logged["accuracy"].get(name, [])) != len(made) or np.abs(np.subtract(logged["accuracy"][name], made)).max() > 1e-9:
+            return f"its {name} accuracies are not what its clean accuracy and first flips give"
+    pos = adversarial.first_per_class(pred.labels, len(pred.classes), logged["requested"])
+    if len(pos) != n:
+        return f"it attacked {n} images where its subset has {len(pos)}"
+    drawn = pos[np.sort(rng.choice(len(pos), min(n_images, len(pos)), replace=False))]
+    again = adversarial.robust_accuracy(model, x[drawn], pred.labels[drawn], mean, std, eps, logged["steps"], logged["step_size"])
+    differ = [(name, int(i)) for name in adversarial.ATTACKS for i, f in zip(pred.index[drawn], again["first_flip"][name])
+              if f != logged.get(f"first_flip_{name}", {}).get(int(i))]
+    if len(differ) > 1:
+        name, i = differ[0]
+        return (f"{len(differ)} first flips of {len(drawn)} images attacked again differ (test image #{i} under {name}: logged "
+                f"{logged.get(f'first_flip_{name}', {}).get(i)}, now {dict(zip(pred.index[drawn].tolist(), again['first_flip'][name]))[i]})")
+    return None
 
 
 def adversarial_run(model, target, x: np.ndarray, mean, std, pred, settings: RunSettings, folder: Path, logged: dict | None,
-                    shown: int = 8) -> tuple[dict, Path | None]:
+                    shown: int = 8, rng: np.random.Generator | None = None) -> tuple[dict, Path | None]:
     """FGSM and PGD accuracy per epsilon on a class-balanced test subset (read from the trial when it attacked the same
-    subset with the same PGD settings); Grad-CAM before and after the PGD perturbation for the images that flip at the
+    subset with the same PGD settings, and ``spot_check`` bears it out); Grad-CAM before and after the PGD perturbation for the images that flip at the
     smallest epsilon."""
     import torch
 
     same = logged is not None and (logged["requested"], logged["steps"], logged["step_size"]) == (settings.adversarial_images, settings.pgd_steps, settings.pgd_step_size)
+    if same and (problem := spot_check(model, x, mean, std, pred, logged, rng or np.random.default_rng())):
+        log(f"warning: {folder.name}'s {metrics.ADVERSARIAL_FILE} is not what its weights give ({problem}): attacked again here")
+        same = False
     result = dict(logged, measured_in_trial=True) if same else dict(
         adversarial.stress_test(model, x, pred.labels, pred.index, len(pred.classes), settings.adversarial_images, mean, std,
                                 settings.pgd_steps, settings.pgd_step_size), measured_in_trial=False)

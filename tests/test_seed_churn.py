@@ -145,6 +145,34 @@ def test_the_trials_adversarial_test_is_reused_and_equals_the_analysis_own(churn
         assert set(again["metrics"]) == {f"adversarial/{a}/eps_{e}_255" for a in ("fgsm", "pgd") for e in (1, 2, 4, 8)}
 
 
+def test_a_trials_attack_figures_its_weights_do_not_give_are_attacked_again(churn_report, tmp_path, capsys):
+    """An honest adversarial.json passes with all 20 of its images attacked again. PGD accuracies raised without their
+    first flips fail the count; every PGD flip dropped with the accuracies made to match fails the images attacked
+    again; the first is attacked again by the analysis, which gives the trial's own figures back."""
+    import numpy as np
+
+    from analysis.attacks import adversarial_run, spot_check
+    from analysis.failures import RunSettings
+    from analysis.runs import ImageCache, find_runs, load_model
+    from model_zoo import gradcam_target
+
+    *_, uri, out = churn_report
+    run = next(r for r in find_runs("churn", uri) if len(r.trial_adversarial["first_flip_pgd"]) >= 2)
+    (x, mean, std), model, logged, rng = ImageCache().get(run), load_model(run), run.trial_adversarial, np.random.default_rng(0)
+    assert spot_check(model, x, mean, std, run.predictions, logged, rng, n_images=20) is None
+    raised = {**logged, "accuracy": {**logged["accuracy"], "pgd": [logged["clean"], *(a + 0.1 for a in logged["accuracy"]["pgd"][1:])]}}
+    assert spot_check(model, x, mean, std, run.predictions, raised, rng) == "its pgd accuracies are not what its clean accuracy and first flips give"
+    hidden = {**logged, "first_flip_pgd": {}, "accuracy": {**logged["accuracy"], "pgd": [logged["clean"]] * 5}}
+    problem = spot_check(model, x, mean, std, run.predictions, hidden, rng, n_images=20)
+    assert problem.startswith(f"{len(logged['first_flip_pgd'])} first flips of 20 images attacked again differ (test image #")
+    settings = RunSettings(0.5, {}, 4, adversarial_images=20, pgd_steps=3, pgd_step_size=logged["step_size"])
+    (tmp_path / "forged").mkdir()
+    result, _ = adversarial_run(model, gradcam_target(model, run.config["arch"]), x, mean, std, run.predictions, settings, tmp_path / "forged", raised,
+                                rng=np.random.default_rng(1))
+    assert not result["measured_in_trial"] and result["accuracy"] == logged["accuracy"] and result["first_flip_pgd"] == logged["first_flip_pgd"]
+    assert "warning: forged's adversarial.json is not what its weights give (" in capsys.readouterr().out
+
+
 def test_trials_with_log_model_off_log_no_model_and_register_best_names_the_setting(churn_report, capsys):
     import mlflow
 
