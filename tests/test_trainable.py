@@ -305,15 +305,18 @@ def test_determinism_settings_follow_the_config_and_are_stated():
 @pytest.mark.parametrize("native", [True, False])
 def test_a_cpu_trains_in_bf16_only_where_it_has_native_bf16_and_always_evaluates_in_fp32(monkeypatch, native):
     """amp: true on a CPU: the training forward runs under bf16 autocast where torch reports native bf16 (simulated
-    both ways), fp32 elsewhere; validation and the test set always see fp32 activations. Asserted on the dtype of the
-    activations the model's classifier head receives."""
+    both ways), fp32 elsewhere; validation, the test set and the stress tests always see fp32 activations, computed
+    with cuDNN's TF32 off (what a GPU would evaluate with), which training leaves at torch's default. Asserted on the
+    dtype of the activations the model's classifier head receives and on the flag when it receives them."""
     import training.engine as engine
 
     monkeypatch.setattr(engine, "cpu_native_bf16", lambda: native)
     seen: list[tuple[bool, torch.dtype]] = []
+    tf32: list[tuple[bool, bool]] = []
 
     def hook(module, inputs, output):
         seen.append((module.training, output.dtype))
+        tf32.append((module.training, torch.backends.cudnn.allow_tf32))
 
     real_create = trainable.create_model
 
@@ -324,10 +327,14 @@ def test_a_cpu_trains_in_bf16_only_where_it_has_native_bf16_and_always_evaluates
 
     monkeypatch.setattr(trainable, "create_model", create_model)
     run = TrialRun()
-    values = trainable.fit(tiny(epochs=1, amp=True), run, lambda values, state: None, threads=1)
+    cfg = tiny(epochs=1, amp=True, robustness=True, robustness_images=20, adversarial=True, adversarial_images=10, adversarial_steps=1)
+    values = trainable.fit(cfg, run, lambda values, state: None, threads=1)
     train = {dtype for training, dtype in seen if training}
     evaluated = {dtype for training, dtype in seen if not training}
     assert train == ({torch.bfloat16} if native else {torch.float32}) and evaluated == {torch.float32}
+    assert len(seen) > 95 * 1 + 2  # the corruption test's 95 sets were among the evaluations
+    assert {flag for training, flag in tf32 if training} == {True} and {flag for training, flag in tf32 if not training} == {False}
+    assert torch.backends.cudnn.allow_tf32 and metrics.ADVERSARIAL_ACC.format("pgd", 8) in values
     assert math.isfinite(values[metrics.TEST_ACC])
     assert engine.pick_precision(torch.device("cpu"), amp=True).name == ("bf16 autocast" if native else "fp32")
     assert engine.pick_precision(torch.device("cpu"), amp=False).name == "fp32"

@@ -148,6 +148,20 @@ class Precision:
 FP32 = Precision(None, None)  # evaluation, everywhere: the logged logits, the pt2 model and Grad-CAM agree
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """IEEE fp32 for evaluation on a GPU too: cuDNN runs fp32 convolutions as TF32 on Ampere and later GPUs unless told
+    not to (``torch.backends.cudnn.allow_tf32`` is True by default), which would put the logged logits further from
+    the fp32 that the pt2 model and the analysis compute on a CPU than rounding does. No effect on a CPU."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 def pick_precision(device: torch.device, amp: bool) -> Precision:
     """With ``amp``, for the training steps: bf16 autocast on CUDA where supported (fp16 + GradScaler where not), bf16
     autocast on a CPU that computes bf16 natively (AVX512-BF16, AMX: 1.7-2.5x fp32's images/s, measured in the
@@ -201,13 +215,15 @@ def train_epoch(model, bundle: DataBundle, cfg: TrialConfig, optimizer, precisio
 
 @torch.inference_mode()
 def predict(model, bundle: DataBundle, split: Split, batch_size: int, precision: Precision, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits float32 (N, C), source indices) for a split, never augmented, in split order."""
+    """(logits float32 (N, C), source indices) for a split, never augmented, in split order; with ``FP32``, IEEE fp32
+    on a GPU too (``exact_fp32``)."""
     model.eval()
     logits, indices = [], []
-    for x, _, idx in iterate_batches(bundle, split, batch_size):
-        with precision.autocast(device):
-            logits.append(model(x).float())
-        indices.append(idx)
+    with exact_fp32() if precision.dtype is None else contextlib.nullcontext():
+        for x, _, idx in iterate_batches(bundle, split, batch_size):
+            with precision.autocast(device):
+                logits.append(model(x).float())
+            indices.append(idx)
     return torch.cat(logits), torch.cat(indices)
 
 
