@@ -64,8 +64,9 @@ def metric_problems(run: RunRecord) -> list[str]:
     pred, logged, out = run.predictions, run.metrics, []
     if metrics.TEST_ACC in logged and abs(logged[metrics.TEST_ACC] - pred.correct.mean()) > 1e-9:
         out.append(f"its {metrics.TEST_ACC} metric is {logged[metrics.TEST_ACC]:.4f}, its test predictions are right on {pred.correct.mean():.4f}")
-    threshold = run.config.get("threshold", metrics.CONFIDENCE_THRESHOLD)
-    if metrics.TEST_CONFIDENT_ERRORS in logged and logged[metrics.TEST_CONFIDENT_ERRORS] != (made := int(pred.confident_failures(threshold).sum())):
+    threshold = run.config.get("threshold", metrics.CONFIDENCE_THRESHOLD)  # compared in float32, as the trial did: 0.8 is not float32(0.8)
+    made = int(metrics.confident_errors(pred.probs.astype(np.float32), pred.labels, threshold).sum())
+    if metrics.TEST_CONFIDENT_ERRORS in logged and logged[metrics.TEST_CONFIDENT_ERRORS] != made:
         out.append(f"its {metrics.TEST_CONFIDENT_ERRORS} metric is {logged[metrics.TEST_CONFIDENT_ERRORS]:g}, its test predictions make {made} above {threshold}")
     history = run.history.get(metrics.VAL_ACC, [])
     if pred.val_logits is None or metrics.VAL_ACC not in logged or not history:

@@ -155,3 +155,21 @@ def test_the_analysis_refuses_a_forged_run_before_any_work(store, tmp_path, caps
     err = capsys.readouterr().err
     assert f"run {name} ({trials[name][0]}): " in err and "does not judge a model on results it did not produce" in err
     assert not (out / "report.html").exists() and not (out / "runs").exists()
+
+
+def test_the_metric_check_counts_confident_errors_as_the_trial_did_in_float32():
+    """A top probability of exactly float32(0.8) under the trial threshold 0.8: the trial (``classification_report`` on its
+    float32 softmax) does not count it, since 0.8 is compared in float32; the check must not count it either, or an
+    honest run would be refused (in float64, float32(0.8) = 0.800000011920929 > 0.8)."""
+    from analysis.runs import Predictions, RunRecord
+    from training.engine import classification_report
+
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.1, 0.9]], np.float32)
+    labels = np.array([1, 1, 0])
+    logged = classification_report(probs, labels, ["a", "b"], 0.8)["metrics"]
+    run = RunRecord("0" * 32, "float32", {}, logged, None, None)
+    run.__dict__.update(predictions=Predictions(probs.astype(np.float64), labels, np.arange(3), ["a", "b"]), config={"threshold": 0.8})
+    assert logged[metrics.TEST_CONFIDENT_ERRORS] == 1  # only the 0.9 one
+    assert metric_problems(run) == []
+    run.metrics = {**logged, metrics.TEST_CONFIDENT_ERRORS: 2}
+    assert metric_problems(run) == ["its test/confident_errors metric is 2, its test predictions make 1 above 0.8"]
