@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from analysis.runs import ImageCache, RunRecord
 
 VERIFIED_IMAGES = 128  # test images per run recomputed from its weights: edits to 2% of 10,000 predictions are seen 93 times in 100, to 5% 999 in 1,000
-PROB_TOLERANCE = 0.05  # the CPU recomputes in fp32 what a GPU may have computed with TF32 convolutions: rounding, far below this
+PROB_TOLERANCE = 0.05  # the CPU recomputes in fp32 what the trial computed in fp32 on its device (TF32 off: exact_fp32): rounding, far below this
 
 
 def predictions_problems(f: Mapping[str, np.ndarray]) -> list[str]:
