@@ -88,8 +88,7 @@ class RunRecord:
     def tested(self, name: str) -> float | None:
         """Epoch metric ``name`` (``val/acc``) of the weights the trial tested: its value at ``test/epoch``, which under
         early stopping is the best validation epoch, not the last; else the latest."""
-        at = [v for step, v in self.history.get(name, []) if step == self.metrics.get(metrics.TEST_EPOCH)]
-        return at[-1] if at else self.metrics.get(name)
+        return metrics.at_epoch(self.history.get(name, []), self.metrics.get(metrics.TEST_EPOCH), self.metrics.get(name))
 
     def artifact(self, path: str) -> Path:
         """A local path of one of the run's artifacts: in the store itself, or in the user cache."""

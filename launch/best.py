@@ -56,7 +56,7 @@ def best_run(uri: str, name: str, metric: str, mode: str):
         client = mlflow.MlflowClient(uri)
         for i, run in runs[runs.get(f"metrics.{metrics.TEST_EPOCH}", np.nan) < runs.get(f"metrics.{metrics.EPOCH}", np.nan)].iterrows():
             history = tracking.retry(lambda: client.get_metric_history(run.run_id, metric))
-            runs.loc[i, column] = next((m.value for m in reversed(history) if m.step == run[f"metrics.{metrics.TEST_EPOCH}"]), run[column])
+            runs.loc[i, column] = metrics.at_epoch([(m.step, m.value) for m in history], run[f"metrics.{metrics.TEST_EPOCH}"], run[column])
     return runs.sort_values(column, ascending=mode == "min", kind="stable").iloc[0]
 
 

@@ -162,8 +162,8 @@ def tested_value(result, metric: str) -> float | None:
     tested = m.get(metrics.TEST_EPOCH)
     if metric not in metrics.EPOCH_METRICS or tested is None or tested == m.get(metrics.EPOCH) or result.metrics_dataframe is None:
         return m.get(metric)
-    at = result.metrics_dataframe.loc[result.metrics_dataframe[metrics.EPOCH] == tested, metric]
-    return float(at.iloc[-1]) if len(at) else m.get(metric)
+    reported = result.metrics_dataframe
+    return metrics.at_epoch(zip(reported[metrics.EPOCH], reported[metric].astype(float)), tested, m.get(metric))
 
 
 def finish_launch(name: str, cfg: ExperimentConfig, results, sweep: dict, storage: str) -> int:

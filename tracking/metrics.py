@@ -52,3 +52,10 @@ CONFIDENCE_THRESHOLD = 0.9
 def confident_errors(probs, labels, threshold: float = CONFIDENCE_THRESHOLD):
     """Bool mask over images (numpy): argmax of ``probs`` is not the label and the top probability exceeds ``threshold``."""
     return (probs.argmax(1) != labels) & (probs.max(1) > threshold)
+
+
+def at_epoch(values, epoch, default=None):
+    """The last of ``values`` ((epoch, value) pairs in logging order) logged at ``epoch``, else ``default``: an epoch
+    metric of the weights a trial tested (``TEST_EPOCH``), which under early stopping is not the latest one."""
+    at = [value for step, value in values if step == epoch]
+    return at[-1] if at else default
