@@ -40,12 +40,12 @@ def spot_check(model, x: np.ndarray, mean, std, pred, logged: dict, rng: np.rand
         return f"it attacked {n} images where its subset has {len(pos)}"
     drawn = pos[np.sort(rng.choice(len(pos), min(n_images, len(pos)), replace=False))]
     again = adversarial.robust_accuracy(model, x[drawn], pred.labels[drawn], mean, std, eps, logged["steps"], logged["step_size"])
-    differ = [(name, int(i)) for name in adversarial.ATTACKS for i, f in zip(pred.index[drawn], again["first_flip"][name])
-              if f != logged.get(f"first_flip_{name}", {}).get(int(i))]
+    differ = [(name, int(i), logged.get(f"first_flip_{name}", {}).get(int(i)), now) for name in adversarial.ATTACKS
+              for i, now in zip(pred.index[drawn], again["first_flip"][name])]
+    differ = [d for d in differ if d[2] != d[3]]
     if len(differ) > 1:
-        name, i = differ[0]
-        return (f"{len(differ)} first flips of {len(drawn)} images attacked again differ (test image #{i} under {name}: logged "
-                f"{logged.get(f'first_flip_{name}', {}).get(i)}, now {dict(zip(pred.index[drawn].tolist(), again['first_flip'][name]))[i]})")
+        name, i, was, now = differ[0]
+        return f"{len(differ)} first flips of {len(drawn)} images attacked again differ (test image #{i} under {name}: logged {was}, now {now})"
     return None
 
 
